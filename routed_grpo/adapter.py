@@ -1,0 +1,239 @@
+"""The two-block routed adapter: a deployed block and a quarantine block on every target Linear.
+
+Choice: both blocks are ordinary PEFT LoRA adapters (`"deployed"` and `"quarantine"`, rank r each, dropout 0),
+both active at once, attached to any transformers causal LM including bitsandbytes 4-bit/8-bit Linear layers.
+PEFT's own initialisation already gives what DESIGN.md section 4 asks: `B = 0`, so the net delta is exactly zero
+at initialisation (I1), and `A` is a random projection, so the bottleneck `h = A_dep x` is alive from step 0.
+Building on PEFT (rather than a hand-written rank-2r layer with subtracted frozen copies) gives quantised layers,
+DeepSpeed/FSDP wrapping and the deployed export for free: the deployed block *is* a stock LoRA adapter, so
+`PeftModel.from_pretrained(base, export_dir)` loads it unchanged.
+
+What this module adds on top of PEFT, all through forward hooks (never by toggling adapters, which in PEFT and
+TRL switches every adapter and re-enables gradients on exit):
+- per-row output masks `(m, d)` (DESIGN.md section 2): the quarantine block's output is multiplied by `m`; where
+  `d = 1` the deployed block's output stays in the forward but is detached. Masks stay set until
+  `clear_row_masks()`, because gradient checkpointing re-runs the forward hooks during backward;
+- deployment ablation and sampling modes: the quarantine output is multiplied by 0 for every row. Because the
+  quarantine's initial value has `B = 0`, this equals resetting the block to its initial value (I2);
+  `reset_quarantine()` does the reset on the weights themselves;
+- capture of the deployed bottleneck `A_dep x`, mean-pooled over a token mask: `[batch, n_modules, r]`;
+- a seeded, name-keyed initialisation of every `A`, so the same model, rank, targets and `init_seed` give the
+  same adapter in every process and every run (`v_act` depends on the initial `A_dep`).
+
+Not covered: LoRA variants (DoRA etc.), dropout on the blocks, embedding or conv targets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+
+DEPLOYED = "deployed"
+QUARANTINE = "quarantine"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SamplingMode = Literal["deploy", "full"]
+
+
+def attach_routed_adapter(
+    model: torch.nn.Module,
+    rank: int = 8,
+    alpha: float | None = None,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    init_seed: int = 0,
+) -> RoutedAdapter:
+    """Wrap `model` in a PeftModel with the deployed and quarantine blocks, both active and trainable."""
+    if rank < 1:
+        raise ValueError(f"adapter rank must be >= 1, got {rank}")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config, adapter_name=DEPLOYED)
+    peft_model.add_adapter(QUARANTINE, config)
+    peft_model.base_model.set_adapter([DEPLOYED, QUARANTINE])  # both active; makes both trainable
+    adapter = RoutedAdapter(peft_model, init_seed=init_seed)
+    adapter.reinitialise(DEPLOYED)
+    adapter.reinitialise(QUARANTINE)
+    return adapter
+
+
+def _module_seed(init_seed: int, block: str, name: str) -> int:
+    return zlib.crc32(f"{init_seed}:{block}:{name}".encode())
+
+
+class RoutedAdapter:
+    """Handle on a PeftModel that carries the two blocks: masks, modes, capture, export."""
+
+    def __init__(self, peft_model: PeftModel, init_seed: int = 0):
+        for block in (DEPLOYED, QUARANTINE):
+            if block not in peft_model.peft_config:
+                raise ValueError(f"model has no '{block}' adapter; build it with attach_routed_adapter()")
+        if getattr(peft_model, "routed_adapter", None) is not None:
+            raise ValueError("this model already has a RoutedAdapter; use RoutedAdapter.of(model)")
+        self.model = peft_model
+        self.init_seed = init_seed
+        self.layers: dict[str, LoraLayer] = {}
+        prefix = "base_model.model."
+        for name, module in peft_model.named_modules():
+            if isinstance(module, LoraLayer) and DEPLOYED in module.lora_A:
+                self.layers[name.removeprefix(prefix)] = module
+        self.module_names = list(self.layers)
+        self.rank = peft_model.peft_config[DEPLOYED].r
+        self.targets = sorted(peft_model.peft_config[DEPLOYED].target_modules)
+        self._row_m: torch.Tensor | None = None  # (B,) quarantine output multiplier
+        self._row_d: torch.Tensor | None = None  # (B,) 1 = detach the deployed output
+        self._quarantine_off = 0  # depth of nested ablation contexts
+        self._token_mask: torch.Tensor | None = None  # (B, T) while capturing
+        self._captured: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for name, layer in self.layers.items():
+            self._handles.append(layer.lora_B[QUARANTINE].register_forward_hook(self._quarantine_hook))
+            self._handles.append(layer.lora_B[DEPLOYED].register_forward_hook(self._deployed_hook))
+            self._handles.append(layer.lora_A[DEPLOYED].register_forward_hook(self._capture_hook(name)))
+        peft_model.routed_adapter = self  # one handle per model: hooks are registered once
+
+    @classmethod
+    def of(cls, peft_model: PeftModel, init_seed: int = 0) -> RoutedAdapter:
+        """The model's existing handle, or a new one (e.g. for a PeftModel loaded from disk)."""
+        existing = getattr(peft_model, "routed_adapter", None)
+        return existing if existing is not None else cls(peft_model, init_seed=init_seed)
+
+    # ---- parameters -------------------------------------------------------------------------------------------
+    def parameters(self, block: str) -> Iterator[torch.nn.Parameter]:
+        for layer in self.layers.values():
+            yield layer.lora_A[block].weight
+            yield layer.lora_B[block].weight
+
+    def parameter_names(self) -> list[str]:
+        """Names (as in `model.named_parameters()`) of every parameter of both blocks."""
+        return [n for n, _ in self.model.named_parameters() if f".{DEPLOYED}." in n or f".{QUARANTINE}." in n]
+
+    @torch.no_grad()
+    def reinitialise(self, block: str) -> None:
+        """Set `block` to its seeded initial value: `A` uniform(+-1/sqrt(d_in)) from a name-keyed seed, `B = 0`."""
+        for name, layer in self.layers.items():
+            a = layer.lora_A[block].weight
+            gen = torch.Generator().manual_seed(_module_seed(self.init_seed, block, name))
+            bound = 1.0 / math.sqrt(a.shape[1])
+            a.copy_((torch.rand(a.shape, generator=gen) * 2 - 1).mul_(bound).to(a.dtype))
+            layer.lora_B[block].weight.zero_()
+
+    def reset_quarantine(self) -> None:
+        """Deployment ablation on the weights: the quarantine block returns to its initial value (net delta 0)."""
+        self.reinitialise(QUARANTINE)
+
+    def fingerprint(self) -> str:
+        """Identifies the initial deployed block: seed, rank, and every module's name and `A` shape."""
+        desc = [f"seed={self.init_seed}", f"rank={self.rank}"]
+        desc += [f"{n}:{tuple(self.layers[n].lora_A[DEPLOYED].weight.shape)}" for n in self.module_names]
+        return hashlib.sha256("\n".join(desc).encode()).hexdigest()[:16]
+
+    # ---- masks and modes -----------------------------------------------------------------------------------------
+    def set_row_masks(self, m: torch.Tensor, d: torch.Tensor) -> None:
+        """Per-row masks for the next forward(s) and their backward; keep them until `clear_row_masks()`."""
+        if m.shape != d.shape or m.dim() != 1:
+            raise ValueError(f"masks must be 1-d and equal shapes, got m {tuple(m.shape)} and d {tuple(d.shape)}")
+        self._row_m, self._row_d = m.detach().float(), d.detach().float()
+
+    def clear_row_masks(self) -> None:
+        self._row_m = self._row_d = None
+
+    @contextlib.contextmanager
+    def deployment_ablation(self) -> Iterator[None]:
+        """Forward as base + deployed delta: the quarantine output is zero for every row."""
+        self._quarantine_off += 1
+        try:
+            yield
+        finally:
+            self._quarantine_off -= 1
+
+    def sampling_mode(self, mode: SamplingMode) -> contextlib.AbstractContextManager:
+        if mode == "deploy":
+            return self.deployment_ablation()
+        if mode == "full":
+            return contextlib.nullcontext()
+        raise ValueError(f"sampling mode must be 'deploy' or 'full', got {mode!r}")
+
+    def _rows(self, mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if mask.shape[0] != out.shape[0]:
+            raise RuntimeError(f"row masks are set for {mask.shape[0]} rows but the forward has {out.shape[0]}")
+        return mask.to(device=out.device, dtype=out.dtype).view(-1, *([1] * (out.dim() - 1)))
+
+    def _quarantine_hook(self, module, args, out: torch.Tensor) -> torch.Tensor:
+        if self._quarantine_off:
+            return out * 0.0
+        if self._row_m is not None:
+            return out * self._rows(self._row_m, out)
+        return out
+
+    def _deployed_hook(self, module, args, out: torch.Tensor) -> torch.Tensor:
+        if self._row_d is None:
+            return out
+        d = self._rows(self._row_d, out)
+        return out.detach() * d + out * (1 - d)  # same forward value; no gradient on rows with d = 1
+
+    # ---- activation capture -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def capture(self, token_mask: torch.Tensor) -> Iterator[None]:
+        """Record the deployed bottleneck `A_dep x` of ONE forward, pooled over `token_mask` (B, T)."""
+        self._token_mask, self._captured = token_mask, {}
+        try:
+            yield
+        finally:
+            self._token_mask = None
+
+    def pooled(self) -> torch.Tensor:
+        """The captured activations, `[batch, n_modules, r]` in `module_names` order (float32)."""
+        missing = [n for n in self.module_names if n not in self._captured]
+        if missing:
+            raise RuntimeError(f"no activations captured for {len(missing)} modules, e.g. {missing[0]}")
+        return torch.stack([self._captured[n] for n in self.module_names], dim=1)
+
+    def _capture_hook(self, name: str):
+        def hook(module, args, out: torch.Tensor) -> None:
+            if self._token_mask is None:
+                return
+            if name in self._captured:
+                raise RuntimeError(f"capture() expects one forward, but {name} ran twice")
+            mask = self._token_mask.to(out.device, torch.float32).unsqueeze(-1)  # (B, T, 1)
+            h = out.detach().float()  # (B, T, r)
+            self._captured[name] = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, r)
+
+        return hook
+
+    # ---- export ---------------------------------------------------------------------------------------------------
+    def export_deployed(self, out_dir: str | Path) -> Path:
+        """Save the deployed block as a stock PEFT LoRA adapter (`PeftModel.from_pretrained(base, out_dir)`)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(self.model, adapter_name=DEPLOYED)
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        config = copy.deepcopy(self.model.peft_config[DEPLOYED])
+        config.save_pretrained(str(out_dir))
+        save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return out_dir
+
+    def export_merged(self, out_dir: str | Path) -> Path:
+        """Save base + deployed delta as a plain transformers checkpoint (a copy of the model is made)."""
+        if getattr(self.model.config, "quantization_config", None) is not None:
+            raise ValueError("export_merged needs an unquantised base; load the base in full precision first")
+        merged = copy.deepcopy(self.model)
+        merged.delete_adapter(QUARANTINE)
+        merged = merged.merge_and_unload(adapter_names=[DEPLOYED])
+        merged.save_pretrained(str(out_dir))
+        return Path(out_dir)

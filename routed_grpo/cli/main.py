@@ -1,0 +1,14 @@
+"""The `routed-grpo` command line: one typer app with a sub-app per area."""
+
+import typer
+
+from routed_grpo.cli import experiment_cmd, organism_cmd, pairs_cmd, sandbox_cmd
+
+app = typer.Typer(no_args_is_help=True, help="Gradient routing against reward hacking for TRL GRPO.")
+app.add_typer(sandbox_cmd.app, name="sandbox", help="Grade completions in the loophole environment.")
+app.add_typer(pairs_cmd.app, name="pairs", help="Validate (hack, clean) pairs; extract, score and placebo v_act.")
+app.add_typer(organism_cmd.app, name="organism", help="Build the CPU model organism.")
+app.add_typer(experiment_cmd.app, name="experiment", help="Evaluate and compare runs.")
+
+if __name__ == "__main__":
+    app()

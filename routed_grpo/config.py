@@ -1,0 +1,113 @@
+"""`RoutedGRPOConfig`: TRL's `GRPOConfig` plus the routing fields, with Dr.GRPO defaults."""
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from routed_grpo.adapter import DEFAULT_TARGETS
+
+ROUTING_CHOICES = ("vact", "placebo", "none")
+
+
+@dataclass
+class RoutedGRPOConfig(GRPOConfig):
+    r"""
+    Configuration class for [`RoutedGRPOTrainer`].
+
+    Inherits every parameter from [`trl.GRPOConfig`]. It adds only the routing fields below and changes three
+    defaults to what the method needs: `loss_type="dr_grpo"` and `scale_rewards="none"` (Dr.GRPO advantages
+    `A = r - mean_group(r)`, no std scaling, no length normalisation) and `disable_dropout=True` (generation runs
+    in train mode, and dropout would make behaviour log-probs differ from the policy that sampled).
+
+    Parameters:
+        routing (`str`, *optional*, defaults to `"vact"`):
+            Gate direction: `"vact"` (from `vact_path` or extracted from `vact_pairs_path` at start), `"placebo"`
+            (a Haar-random direction with the same shapes, seeded by `placebo_seed`), or `"none"` (no gate, no
+            masks: the trainer behaves as stock `GRPOTrainer` with the two-block adapter).
+        vact_path (`str`, *optional*):
+            A `v_act` file written by `routed-grpo pairs extract`, made for the same model and adapter.
+        vact_pairs_path (`str`, *optional*):
+            Pairs file or directory; `v_act` is extracted from it with the current adapter at start (when no
+            `vact_path` is given) and at every refresh.
+        vact_refresh_steps (`int`, *optional*, defaults to `0`):
+            Re-extract `v_act` from the pairs every this many optimizer steps (0 = never). The buffer is re-scored,
+            not flushed.
+        placebo_seed (`int`, *optional*, defaults to `0`):
+            Seed of the Haar-random placebo direction.
+        route_tail_q (`float`, *optional*, defaults to `0.1`):
+            Symmetric tail mass of the gate: `lo = q(route_tail_q)`, `hi = q(1 - route_tail_q)` over the buffer.
+        act_buffer_size (`int`, *optional*, defaults to `8192`):
+            Capacity (rollouts) of the run-spanning buffer of pooled activations.
+        gen_deploy_frac (`float`, *optional*, defaults to `0.0`):
+            Fraction of rollouts sampled in `deploy` mode (quarantine ablated). 0 is the recommended research
+            setting; `0 < frac < 1` makes the importance ratio `full/ablated` on deploy-sampled absorb and route
+            rows, which the one-sided clip does not bound for negative advantages (logged per zone).
+        adapter_rank (`int`, *optional*, defaults to `8`):
+            Rank of each block (the deployed and the quarantine block each have this rank).
+        adapter_alpha (`float`, *optional*):
+            LoRA alpha of each block; defaults to `adapter_rank` (scaling 1).
+        adapter_targets (`list[str]`, *optional*):
+            Names of the target Linear modules; defaults to all attention and MLP projections.
+        adapter_init_seed (`int`, *optional*, defaults to `0`):
+            Seed of the blocks' initial `A` matrices; `v_act` files record it and must match.
+        vact_sampling_mode (`str`, *optional*, defaults to `"full"`):
+            Sampling mode of the forward that extracts `v_act` from the pairs.
+    """
+
+    routing: str = field(default="vact", metadata={"help": "Gate direction: 'vact', 'placebo' or 'none'."})
+    vact_path: str | None = field(default=None, metadata={"help": "v_act file from `routed-grpo pairs extract`."})
+    vact_pairs_path: str | None = field(
+        default=None, metadata={"help": "Pairs to extract v_act from at start and at each refresh."}
+    )
+    vact_refresh_steps: int = field(default=0, metadata={"help": "Re-extract v_act every N steps (0 = never)."})
+    placebo_seed: int = field(default=0, metadata={"help": "Seed of the Haar-random placebo direction."})
+    route_tail_q: float = field(default=0.1, metadata={"help": "Symmetric gate tail mass, in (0, 0.5)."})
+    act_buffer_size: int = field(default=8192, metadata={"help": "Capacity of the activation buffer (rollouts)."})
+    gen_deploy_frac: float = field(
+        default=0.0, metadata={"help": "Fraction of rollouts sampled with the quarantine ablated, in [0, 1]."}
+    )
+    adapter_rank: int = field(default=8, metadata={"help": "Rank of each adapter block."})
+    adapter_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha of each block (default: rank)."})
+    adapter_targets: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TARGETS), metadata={"help": "Target Linear module names."}
+    )
+    adapter_init_seed: int = field(default=0, metadata={"help": "Seed of the blocks' initial A matrices."})
+    vact_sampling_mode: str = field(default="full", metadata={"help": "Sampling mode for v_act extraction."})
+
+    # Changed defaults (Dr.GRPO, deterministic behaviour policy).
+    loss_type: str = field(default="dr_grpo", metadata={"help": "Loss aggregation; the method uses 'dr_grpo'."})
+    scale_rewards: str = field(default="none", metadata={"help": "Advantage scaling; the method uses 'none'."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout (behaviour log-probs)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.routing not in ROUTING_CHOICES:
+            raise ValueError(f"routing must be one of {ROUTING_CHOICES}, got routing={self.routing!r}")
+        if not 0.0 <= self.gen_deploy_frac <= 1.0:
+            raise ValueError(f"gen_deploy_frac must be in [0, 1], got gen_deploy_frac={self.gen_deploy_frac}")
+        if not 0.0 < self.route_tail_q < 0.5:
+            raise ValueError(f"route_tail_q must be in (0, 0.5), got route_tail_q={self.route_tail_q}")
+        if self.act_buffer_size < 1:
+            raise ValueError(f"act_buffer_size must be >= 1, got act_buffer_size={self.act_buffer_size}")
+        if self.adapter_rank < 1:
+            raise ValueError(f"adapter_rank must be >= 1, got adapter_rank={self.adapter_rank}")
+        if self.vact_sampling_mode not in ("deploy", "full"):
+            raise ValueError(f"vact_sampling_mode must be 'deploy' or 'full', got {self.vact_sampling_mode!r}")
+        if self.routing == "vact" and not (self.vact_path or self.vact_pairs_path):
+            raise ValueError("routing='vact' needs vact_path or vact_pairs_path; both are None")
+        if self.vact_refresh_steps < 0:
+            raise ValueError(f"vact_refresh_steps must be >= 0, got vact_refresh_steps={self.vact_refresh_steps}")
+        if self.vact_refresh_steps and not self.vact_pairs_path:
+            raise ValueError(
+                f"vact_refresh_steps={self.vact_refresh_steps} needs vact_pairs_path to re-extract v_act from"
+            )
+        if self.beta != 0.0:
+            raise ValueError(
+                f"beta={self.beta} is not supported: TRL's KL reference for PEFT models switches the active adapter "
+                "set (it clones a 'ref' adapter from 'default'), which would drop one of the two blocks. Use beta=0."
+            )
+        if self.use_vllm:
+            raise ValueError(
+                "use_vllm=True is not supported: vLLM cannot apply the per-row quarantine masks of the sampling "
+                "modes. Generate with transformers (use_vllm=False)."
+            )

@@ -1,0 +1,75 @@
+"""Pure tensor functions the trainer wires in: sampling modes, importance ratios per zone, routing mass.
+
+The clipped surrogate itself is TRL's (`loss_type="dr_grpo"`); `dr_grpo_loss` restates it from DESIGN.md section 3
+so a test can check the trainer's loss against a hand-written reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from routed_grpo.gate import ZONE_NAMES
+
+
+def draw_sampling_modes(n: int, gen_deploy_frac: float, generator: torch.Generator) -> Tensor:
+    """(n,) bool, True where the rollout is sampled in `full` mode; `deploy` with probability `gen_deploy_frac`."""
+    if gen_deploy_frac <= 0.0:
+        return torch.ones(n, dtype=torch.bool)
+    if gen_deploy_frac >= 1.0:
+        return torch.zeros(n, dtype=torch.bool)
+    return torch.rand(n, generator=generator) >= gen_deploy_frac
+
+
+def per_row_rho(logps: Tensor, old_logps: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Token-mean and token-max of `rho = exp(logp - logp_old)` per row; (B,) each. Inputs (B, T)."""
+    mask = completion_mask.bool()
+    rho = torch.exp(logps.detach().float() - old_logps.float())  # (B, T)
+    mean = (rho * mask).sum(1) / mask.sum(1).clamp_min(1)
+    peak = rho.masked_fill(~mask, float("-inf")).max(1).values
+    return mean, peak
+
+
+def rho_by_zone(row_mean: Tensor, row_max: Tensor, zones: Tensor) -> dict[str, float]:
+    """`routing/rho_mean/<zone>` and `routing/rho_max/<zone>` over the rows of each zone present in the batch."""
+    out = {}
+    for z, name in enumerate(ZONE_NAMES):
+        rows = zones == z
+        if rows.any():
+            out[f"routing/rho_mean/{name}"] = row_mean[rows].mean().item()
+            out[f"routing/rho_max/{name}"] = row_max[rows].max().item()
+    return out
+
+
+def first_nonfinite_zone(row_mean: Tensor, row_max: Tensor, zones: Tensor) -> str | None:
+    """Name of the first zone holding a row with a non-finite ratio, or None."""
+    bad = ~(torch.isfinite(row_mean) & torch.isfinite(row_max))
+    for z, name in enumerate(ZONE_NAMES):
+        if (bad & (zones == z)).any():
+            return name
+    return None
+
+
+def grad_norm(params) -> float:
+    """L2 norm of the gradients of `params` (parameters without a gradient count as zero)."""
+    total = torch.zeros(())
+    for p in params:
+        if p.grad is not None:
+            total = total + p.grad.detach().float().pow(2).sum().cpu()
+    return total.sqrt().item()
+
+
+def grad_qmass(deployed_norm: float, quarantine_norm: float) -> float:
+    """Share of gradient norm that reached the quarantine block: |g_q| / (|g_dep| + |g_q|); 0 if both are 0."""
+    total = deployed_norm + quarantine_norm
+    return quarantine_norm / total if total > 0 else 0.0
+
+
+def dr_grpo_loss(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, completion_mask: Tensor, max_len: int, eps: float = 0.2
+) -> Tensor:
+    """Reference Dr.GRPO clipped surrogate: -sum(min(rho A, clip(rho) A) * mask) / (B * max_len)."""
+    rho = torch.exp(logps - old_logps)  # (B, T)
+    adv = advantages.unsqueeze(1)  # (B, 1)
+    per_token = -torch.min(rho * adv, torch.clamp(rho, 1 - eps, 1 + eps) * adv)
+    return (per_token * completion_mask).sum() / (logps.size(0) * max_len)

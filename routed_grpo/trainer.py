@@ -1,0 +1,273 @@
+"""`RoutedGRPOTrainer`: TRL's `GRPOTrainer` with gradient routing by an activation direction `v_act`."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+
+from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_routed_adapter
+from routed_grpo.config import RoutedGRPOConfig
+from routed_grpo.gate import Gate
+from routed_grpo.loss import (
+    draw_sampling_modes,
+    first_nonfinite_zone,
+    grad_norm,
+    grad_qmass,
+    per_row_rho,
+    rho_by_zone,
+)
+from routed_grpo.pairs import load_pairs
+from routed_grpo.vact import auroc, extract_vact, haar_placebo, load_vact
+
+ROUTING_STATE = "routing_state.pt"
+MeasureFn = Callable[..., dict[str, list[float]]]
+
+
+class RoutedGRPOTrainer(GRPOTrainer):
+    """GRPO with a deployed and a quarantine adapter block and a label-free gate (DESIGN.md section 3).
+
+    What differs from `trl.GRPOTrainer`:
+    - `__init__` attaches the two-block adapter (`routed_grpo.adapter`) to the model (a model id is loaded first);
+      `peft_config` is not accepted, because the adapter is part of the method.
+    - `_generate_single_turn`: each rollout gets a sampling mode (`deploy` with probability `gen_deploy_frac`,
+      seeded); one `generate` call samples both modes through per-row quarantine masks.
+    - `_generate_and_score_completions`: after TRL's rewards and Dr.GRPO advantages, one no-grad forward per chunk in
+      each rollout's own sampling mode gives the behaviour log-probs `old_per_token_logps` and, through hooks, the
+      pooled deployed bottleneck activations; the gate scores them against `v_act`, appends them to the buffer,
+      takes thresholds over the whole buffer and returns zones and masks (new batch keys `routing_m`, `routing_d`,
+      `routing_zone`, `sampling_full`).
+    - `compute_loss` sets the masks for the grad-carrying forward; `training_step` clears them only after backward
+      (gradient checkpointing re-runs the forward hooks), then logs the routing mass of the gradient norm.
+    - Checkpoints also hold the gate buffer, `v_act`, the sampling RNG state and the deployed-block export;
+      `resume_from_checkpoint` restores them. Adapter blocks get no weight decay (a block with zero gradient stays).
+    Inherited unchanged: data loading, reward computation, advantages, the clipped surrogate and its aggregation,
+    generation itself, logging, evaluation. With `routing="none"` the trainer is stock GRPO with the adapter.
+    An optional `measure_fn(prompts, completions, **columns) -> {"hack_strict": [...]}` is called after the gate
+    has decided, only to log `measure/...` (the AUROC of the score); nothing it returns reaches the gate or loss.
+    """
+
+    _tag_names = ["trl", "grpo", "routed-grpo"]
+
+    def __init__(self, model, reward_funcs, args: RoutedGRPOConfig, *pos, measure_fn: MeasureFn | None = None, **kw):
+        if not isinstance(args, RoutedGRPOConfig):
+            raise TypeError(f"args must be a RoutedGRPOConfig, got {type(args).__name__}")
+        if kw.get("peft_config") is not None:
+            raise ValueError("peft_config is not accepted: RoutedGRPOTrainer attaches its own two-block adapter")
+        self.adapter = _routed_adapter(model, args)
+        super().__init__(self.adapter.model, reward_funcs, args, *pos, **kw)
+        self.measure_fn = measure_fn
+        self._sampling_rng = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
+        self._sampling_full: torch.Tensor | None = None  # (B,) of the last generation
+        self._stash_logps = False
+        self._loss_logps: torch.Tensor | None = None
+        self._last_refresh = 0
+        self.gate = None
+        if args.routing != "none":
+            self.gate = Gate(
+                self._initial_vact(), args.route_tail_q, args.act_buffer_size, self.accelerator, self.accelerator.device
+            )
+
+    # ---- v_act ----------------------------------------------------------------------------------------------------
+    def _extract_vact(self) -> torch.Tensor:
+        pairs = load_pairs(self.args.vact_pairs_path)
+        return extract_vact(self.adapter, self.processing_class, pairs, mode=self.args.vact_sampling_mode)
+
+    def _initial_vact(self) -> torch.Tensor:
+        args = self.args
+        if args.routing == "vact" and args.vact_path:
+            return load_vact(args.vact_path, self.adapter)[0]
+        if args.routing == "vact":
+            return self._extract_vact()
+        like = torch.zeros(len(self.adapter.module_names), self.adapter.rank)
+        return haar_placebo(like, args.placebo_seed)
+
+    def _maybe_refresh_vact(self) -> None:
+        step, every = self.state.global_step, self.args.vact_refresh_steps
+        if self.args.routing != "vact" or not every or step == 0 or step % every or step == self._last_refresh:
+            return
+        old = self.gate.vact.clone()
+        self.gate.set_vact(self._extract_vact())
+        self._last_refresh = step
+        cos = torch.nn.functional.cosine_similarity(old, self.gate.vact.to(old.device), dim=-1).mean().item()
+        self._metrics["train"]["routing/vact_refresh_cos"].append(cos)
+
+    # ---- generation: sampling modes -------------------------------------------------------------------------------
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        n = len(prompt_ids)
+        training = self.model.training and self.gate is not None
+        full = draw_sampling_modes(n, self.args.gen_deploy_frac, self._sampling_rng) if training else None
+        self._sampling_full = full if full is not None else torch.ones(n, dtype=torch.bool)
+        if full is None or full.all():
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        self.adapter.set_row_masks(full.float(), torch.zeros(n))  # deploy rows: quarantine output x 0
+        try:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        finally:
+            self.adapter.clear_row_masks()
+
+    # ---- behaviour forward and gate ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _behaviour_forward(self, input_ids, attention_mask, logits_to_keep, full, pool_mask):
+        """Per-token log-probs in each row's sampling mode (B, T_c) and pooled activations (B, M, r)."""
+        chunk = self.args.per_device_train_batch_size
+        logps, acts = [], []
+        for s in range(0, input_ids.size(0), chunk):
+            rows = slice(s, s + chunk)
+            self.adapter.set_row_masks(full[rows].float(), torch.zeros(full[rows].shape))
+            try:
+                with self.adapter.capture(pool_mask[rows]):
+                    lp, _, _ = self._get_per_token_logps_and_entropies(
+                        self.model, input_ids[rows], attention_mask[rows], logits_to_keep, batch_size=chunk
+                    )
+            finally:
+                self.adapter.clear_row_masks()
+            logps.append(lp)
+            acts.append(self.adapter.pooled())
+        return torch.cat(logps), torch.cat(acts)
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.gate is not None and self.model.training:
+            self._maybe_refresh_vact()
+        t0 = time.perf_counter()
+        output = super()._generate_and_score_completions(inputs)
+        if self.gate is None or not self.model.training:
+            return output
+        t1 = time.perf_counter()
+        device = self.accelerator.device
+        full = self._sampling_full.to(device)
+        prompt_mask, completion_mask = output["prompt_mask"], output["completion_mask"]
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        pool_mask = torch.cat([torch.zeros_like(prompt_mask), completion_mask], dim=1)  # completion tokens only
+        logps, acts = self._behaviour_forward(input_ids, attention_mask, completion_mask.size(1), full, pool_mask)
+        t2 = time.perf_counter()
+        decision = self.gate.step(acts)
+        t3 = time.perf_counter()
+        output["old_per_token_logps"] = logps  # the behaviour policy: rho = exp(logp - logp_old)
+        output["routing_m"], output["routing_d"] = decision.m.to(device), decision.d.to(device)
+        output["routing_zone"], output["sampling_full"] = decision.zones.to(device), full.float()
+        self._log_gate(decision, full, {"generate_and_score": t1 - t0, "behaviour_forward": t2 - t1, "gate": t3 - t2})
+        if self.measure_fn is not None:
+            self._log_measurements(inputs, output, decision.scores)
+        return output
+
+    def _log_gate(self, decision, full, seconds: dict[str, float]) -> None:
+        metrics = self._metrics["train"]
+        for name, frac in decision.zone_frac.items():
+            metrics[f"routing/zone_frac/{name}"].append(frac)
+        scores = self.accelerator.gather(decision.scores.float())
+        metrics["routing/threshold_lo"].append(decision.lo)
+        metrics["routing/threshold_hi"].append(decision.hi)
+        metrics["routing/score_mean"].append(scores.mean().item())
+        metrics["routing/score_std"].append(scores.std().item() if scores.numel() > 1 else 0.0)
+        metrics["routing/qmass"].append(decision.zone_frac["absorb"] + decision.zone_frac["route"])
+        metrics["routing/buffer_size"].append(float(decision.buffer_size))
+        metrics["routing/sampling_deploy_frac"].append(1.0 - self.accelerator.gather(full.float()).mean().item())
+        for key, value in seconds.items():
+            metrics[f"timing/{key}"].append(value)
+
+    def _log_measurements(self, inputs, output, scores: torch.Tensor) -> None:
+        """Measurement only: labels from `measure_fn` are logged as the AUROC of the score, never used to route."""
+        prompts = [x["prompt"] for x in inputs]
+        texts = self.processing_class.batch_decode(output["completion_ids"], skip_special_tokens=True)
+        conversational = isinstance(prompts[0], list)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion")}
+        labels = self.measure_fn(prompts=prompts, completions=completions, **columns)
+        all_scores = self.accelerator.gather(scores.float())
+        for key, values in labels.items():
+            y = self.accelerator.gather(torch.tensor(values, dtype=torch.float32, device=scores.device))
+            self._metrics["train"][f"measure/{key}"].append(y.mean().item())
+            pos, neg = all_scores[y > 0.5], all_scores[y <= 0.5]
+            if pos.numel() and neg.numel():
+                self._metrics["train"][f"measure/auroc_{key}"].append(auroc(pos.cpu(), neg.cpu()))
+
+    # ---- loss: masks during the grad-carrying forward -------------------------------------------------------------
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._stash_logps:
+            self._loss_logps = out[0].detach()
+        return out
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "routing_m" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.adapter.set_row_masks(inputs["routing_m"], inputs["routing_d"])  # cleared in training_step
+        self._stash_logps = True
+        try:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._stash_logps = False
+        row_mean, row_max = per_row_rho(self._loss_logps, inputs["old_per_token_logps"], inputs["completion_mask"])
+        zones = inputs["routing_zone"]
+        bad_zone = first_nonfinite_zone(row_mean, row_max, zones)
+        if bad_zone is not None or not torch.isfinite(loss).all():
+            where = f"zone '{bad_zone}'" if bad_zone else "the loss"
+            raise FloatingPointError(
+                f"non-finite importance ratio or loss at step {self.state.global_step} in {where} "
+                f"(rho_max per row {row_max.tolist()}, loss {loss.item()})"
+            )
+        for key, value in rho_by_zone(row_mean, row_max, zones).items():
+            self._metrics["train"][key].append(value)
+        return loss
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self.adapter.clear_row_masks()  # only now: backward with checkpointing has re-run the hooks
+        if self.gate is not None:
+            dep, quar = grad_norm(self.adapter.parameters(DEPLOYED)), grad_norm(self.adapter.parameters(QUARANTINE))
+            self._metrics["train"]["routing/qmass_grad"].append(grad_qmass(dep, quar))
+        return loss
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """No weight decay on the blocks: a block that receives no gradient must not move (DESIGN.md section 4)."""
+        blocks = set(self.adapter.parameter_names())
+        return [n for n in super().get_decay_parameter_names(model) if n not in blocks]
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        state = {"sampling_rng": self._sampling_rng.get_state(), "last_refresh": self._last_refresh}
+        if self.gate is not None:
+            state["gate"] = self.gate.state_dict()
+        rank = self.accelerator.process_index
+        torch.save(state, os.path.join(folder, f"routing_state_rank{rank}.pt"))
+        if self.accelerator.is_main_process:
+            self.adapter.export_deployed(os.path.join(folder, "deployed"))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, f"routing_state_rank{self.accelerator.process_index}.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: the checkpoint has no routing state for this process")
+        state = torch.load(path, weights_only=False)
+        self._sampling_rng.set_state(state["sampling_rng"])
+        self._last_refresh = state["last_refresh"]
+        if self.gate is not None:
+            self.gate.load_state_dict(state["gate"])
+
+
+def _routed_adapter(model, args: RoutedGRPOConfig) -> RoutedAdapter:
+    """Load `model` if it is an id, then attach the two blocks (or reuse them if the model already has them)."""
+    if isinstance(model, str):
+        model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config is not None:
+        if DEPLOYED in peft_config and QUARANTINE in peft_config:
+            return RoutedAdapter.of(model, init_seed=args.adapter_init_seed)
+        raise ValueError(f"the model already has PEFT adapters {list(peft_config)}; pass the base model instead")
+    return attach_routed_adapter(
+        model, args.adapter_rank, args.adapter_alpha, args.adapter_targets, args.adapter_init_seed
+    )

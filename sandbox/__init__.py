@@ -1,0 +1,1 @@
+"""The loophole environment: problems, prompts, a hardened executor, rewards and measurement labels."""
