@@ -138,10 +138,14 @@ class RoutedAdapter:
         self.reinitialise(QUARANTINE)
 
     def fingerprint(self) -> str:
-        """Identifies the initial deployed block: seed, rank, and every module's name and `A` shape."""
+        """Identifies the initial deployed block and its base: seed, rank, module names and `A` shapes, plus the
+        bytes of the first target module's base weight (so a `v_act` made on another base model is refused)."""
         desc = [f"seed={self.init_seed}", f"rank={self.rank}"]
         desc += [f"{n}:{tuple(self.layers[n].lora_A[DEPLOYED].weight.shape)}" for n in self.module_names]
-        return hashlib.sha256("\n".join(desc).encode()).hexdigest()[:16]
+        digest = hashlib.sha256("\n".join(desc).encode())
+        base_weight = self.layers[self.module_names[0]].get_base_layer().weight
+        digest.update(base_weight.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     # ---- masks and modes -----------------------------------------------------------------------------------------
     def set_row_masks(self, m: torch.Tensor, d: torch.Tensor) -> None:

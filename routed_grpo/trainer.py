@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
@@ -244,6 +246,20 @@ class RoutedGRPOTrainer(GRPOTrainer):
         torch.save(state, os.path.join(folder, f"routing_state_rank{rank}.pt"))
         if self.accelerator.is_main_process:
             self.adapter.export_deployed(os.path.join(folder, "deployed"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Load both blocks and keep both active and trainable.
+
+        transformers' own PEFT resume loads only the first active adapter as trainable and then calls
+        `set_adapter(first)`, which would silently drop the quarantine block from the forward.
+        """
+        model = model if model is not None else self.model
+        for block in (DEPLOYED, QUARANTINE):
+            path = os.path.join(resume_from_checkpoint, block, "adapter_model.safetensors")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: the checkpoint has no '{block}' block")
+            set_peft_model_state_dict(self.adapter.model, load_file(path), adapter_name=block)
+        self.adapter.model.base_model.set_adapter([DEPLOYED, QUARANTINE])
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

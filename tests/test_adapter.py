@@ -60,6 +60,8 @@ def test_init_is_seeded_and_name_keyed(tokenizer):
     torch.testing.assert_close(pa, pb, rtol=0, atol=0)
     assert not torch.equal(pa, pc)
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    other_base = attach_routed_adapter(make_model(len(tokenizer), seed=9), rank=4, init_seed=5)
+    assert other_base.fingerprint() != a.fingerprint(), "a v_act made on another base must not match"
     qa = torch.cat([p.flatten() for p in a.parameters(QUARANTINE)])
     assert not torch.equal(pa, qa), "the two blocks must not share their initial A"
 
