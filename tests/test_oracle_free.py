@@ -30,7 +30,7 @@ def test_training_modules_never_import_the_measurement_labels():
         tree = ast.parse((ROOT / "routed_grpo" / f"{name}.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom | ast.Import):
-                names = [node.module or ""] + [a.name for a in node.names]
+                names = [getattr(node, "module", None) or ""] + [a.name for a in node.names]
                 assert not any("labels" in n for n in names), f"routed_grpo/{name}.py imports {names}"
 
 
