@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +260,27 @@ def test_4bit_base_trains_two_steps(tmp_path):
     assert t.state.global_step == 2
     for block in (DEPLOYED, QUARANTINE):
         assert not torch.equal(snapshot(t.adapter, block), before[block])
+
+
+def test_vact_extracted_from_pairs_at_start_and_refreshed_without_flushing(tmp_path):
+    from routed_grpo.pairs import load_pairs
+    from routed_grpo.vact import extract_vact
+
+    pairs_dir = str(Path(__file__).resolve().parents[1] / "pairs")
+    t = trainer(tmp_path, routing="vact", vact_pairs_path=pairs_dir, vact_refresh_steps=1, max_steps=3)
+    expected = extract_vact(t.adapter, TOKENIZER, load_pairs(pairs_dir))
+    torch.testing.assert_close(t.gate.vact, expected, rtol=0, atol=0)
+    sizes, vacts = [], []
+    original = t.gate.step
+
+    def step(acts):
+        vacts.append(t.gate.vact.clone())
+        decision = original(acts)
+        sizes.append(decision.buffer_size)
+        return decision
+
+    t.gate.step = step
+    t.train()
+    assert sizes == [8, 16, 24], "a refresh must re-score the buffer, not flush it"
+    assert not torch.equal(vacts[0], vacts[2]), "v_act is re-extracted from the trained adapter"
+    assert any(k == "routing/vact_refresh_cos" for h in t.state.log_history for k in h)
