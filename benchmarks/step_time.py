@@ -33,8 +33,9 @@ def _tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = (
@@ -69,10 +70,18 @@ def run_arm(arm: str, steps: int, warmup: int, out: Path) -> dict:
 
     tok = _tokenizer()
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-    ))  # the organism's size
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
+    )  # the organism's size
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"Write f{i % 50}."}]} for i in range(512)])
 
     def reward(prompts, completions, **kw):
@@ -80,18 +89,32 @@ def run_arm(arm: str, steps: int, warmup: int, out: Path) -> dict:
 
     frac = ARMS[arm]
     args = RoutedGRPOConfig(
-        output_dir=str(out / arm), routing="none" if frac is None else "placebo", gen_deploy_frac=frac or 0.0,
-        per_device_train_batch_size=64, num_generations=8, max_completion_length=64, max_steps=warmup + steps,
-        learning_rate=2e-4, logging_steps=1, report_to="none", bf16=False, use_cpu=not torch.cuda.is_available(),
-        adapter_rank=8, save_strategy="no", seed=0, temperature=1.0,
+        output_dir=str(out / arm),
+        routing="none" if frac is None else "placebo",
+        gen_deploy_frac=frac or 0.0,
+        per_device_train_batch_size=64,
+        num_generations=8,
+        max_completion_length=64,
+        max_steps=warmup + steps,
+        learning_rate=2e-4,
+        logging_steps=1,
+        report_to="none",
+        bf16=False,
+        use_cpu=not torch.cuda.is_available(),
+        adapter_rank=8,
+        save_strategy="no",
+        seed=0,
+        temperature=1.0,
     )
     if frac is None:
         adapter = attach_routed_adapter(model, rank=8)
-        trainer = GRPOTrainer(model=adapter.model, reward_funcs=reward, args=args, train_dataset=data,
-                              processing_class=tok)
+        trainer = GRPOTrainer(
+            model=adapter.model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok
+        )
     else:
-        trainer = RoutedGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
-                                    processing_class=tok)
+        trainer = RoutedGRPOTrainer(
+            model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok
+        )
     per_step: list[dict[str, float]] = []
     bucket: dict[str, float] = {}
     for name in ("_generate_single_turn", "_prepare_inputs", "_calculate_rewards"):
@@ -152,20 +175,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):
             for arm in ARMS:
-                cmd = [sys.executable, __file__, "--arm", arm, "--steps", str(a.steps), "--warmup", str(a.warmup),
-                       "--out", tmp]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--arm",
+                    arm,
+                    "--steps",
+                    str(a.steps),
+                    "--warmup",
+                    str(a.warmup),
+                    "--out",
+                    tmp,
+                ]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
                     sys.exit(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
                 res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
                 results[arm]["steps"] += res["steps"]
                 results[arm]["peak"].append(res["peak_mib"])
-                print(f"round {r + 1}/{a.repeats} {arm}: median step {breakdown(res['steps'])['total']:.3f}s",
-                      file=sys.stderr)
+                print(
+                    f"round {r + 1}/{a.repeats} {arm}: median step {breakdown(res['steps'])['total']:.3f}s",
+                    file=sys.stderr,
+                )
     rows = {arm: breakdown(v["steps"]) | {"peak_mib": statistics.median(v["peak"])} for arm, v in results.items()}
     cols = ["total", "generation", "rewards", "behaviour_fwd", "gate", "loss_fwd_bwd", "other_prepare", "peak_mib"]
-    print(f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, {a.repeats} rounds x {a.steps} measured steps per arm "
-          f"(after {a.warmup} warm-up), seconds are medians per step")
+    print(
+        f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, {a.repeats} rounds x {a.steps} measured steps per arm "
+        f"(after {a.warmup} warm-up), seconds are medians per step"
+    )
     print("| arm | " + " | ".join(cols) + " | step ratio | memory ratio |")
     print("|---" * (len(cols) + 3) + "|")
     base = rows["stock"]

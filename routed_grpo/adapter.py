@@ -4,8 +4,8 @@ Choice: both blocks are ordinary PEFT LoRA adapters (`"deployed"` and `"quaranti
 both active at once, attached to any transformers causal LM including bitsandbytes 4-bit/8-bit Linear layers.
 PEFT's own initialisation already gives what DESIGN.md section 4 asks: `B = 0`, so the net delta is exactly zero
 at initialisation (I1), and `A` is a random projection, so the bottleneck `h = A_dep x` is alive from step 0.
-Building on PEFT (rather than a hand-written rank-2r layer with subtracted frozen copies) gives quantised layers,
-DeepSpeed/FSDP wrapping and the deployed export for free: the deployed block *is* a stock LoRA adapter, so
+Building on PEFT (rather than a hand-written rank-2r layer with subtracted frozen copies) gives quantised layers
+and the deployed export for free: the deployed block *is* a stock LoRA adapter, so
 `PeftModel.from_pretrained(base, export_dir)` loads it unchanged.
 
 What this module adds on top of PEFT, all through forward hooks (never by toggling adapters, which in PEFT and
@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
 
 DEPLOYED = "deployed"
 QUARANTINE = "quarantine"

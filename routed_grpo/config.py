@@ -40,8 +40,10 @@ class RoutedGRPOConfig(GRPOConfig):
             Capacity (rollouts) of the run-spanning buffer of pooled activations.
         gen_deploy_frac (`float`, *optional*, defaults to `0.0`):
             Fraction of rollouts sampled in `deploy` mode (quarantine ablated). 0 is the recommended research
-            setting; `0 < frac < 1` makes the importance ratio `full/ablated` on deploy-sampled absorb and route
-            rows, which the one-sided clip does not bound for negative advantages (logged per zone).
+            setting. Whenever the mask's forward mode differs from the sampling mode, `rho` compares two policies:
+            full-sampled keep rows (any frac < 1) get `ablated/full`, which the clip bounds; deploy-sampled absorb
+            and route rows (`0 < frac`) get `full/ablated`, which the one-sided clip does not bound for negative
+            advantages. Both are logged per zone (`routing/rho_max/<zone>`).
         adapter_rank (`int`, *optional*, defaults to `8`):
             Rank of each block (the deployed and the quarantine block each have this rank).
         adapter_alpha (`float`, *optional*):
@@ -105,6 +107,16 @@ class RoutedGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"beta={self.beta} is not supported: TRL's KL reference for PEFT models switches the active adapter "
                 "set (it clones a 'ref' adapter from 'default'), which would drop one of the two blocks. Use beta=0."
+            )
+        if self.routing != "none" and not self.disable_dropout:
+            raise ValueError(
+                "disable_dropout=False with routing on: dropout makes the behaviour log-probs of the sampling policy "
+                "differ from the loss forward, so rho != 1 on matched rows. Set disable_dropout=True."
+            )
+        if self.use_transformers_continuous_batching and 0.0 < self.gen_deploy_frac < 1.0:
+            raise ValueError(
+                f"use_transformers_continuous_batching=True with gen_deploy_frac={self.gen_deploy_frac}: continuous "
+                "batching packs rows together and cannot apply per-row sampling modes. Use 0 or 1, or turn it off."
             )
         if self.use_vllm:
             raise ValueError(

@@ -47,8 +47,11 @@ class RoutedGRPOTrainer(GRPOTrainer):
       `routing_zone`, `sampling_full`).
     - `compute_loss` sets the masks for the grad-carrying forward; `training_step` clears them only after backward
       (gradient checkpointing re-runs the forward hooks), then logs the routing mass of the gradient norm.
-    - Checkpoints also hold the gate buffer, `v_act`, the sampling RNG state and the deployed-block export;
-      `resume_from_checkpoint` restores them. Adapter blocks get no weight decay (a block with zero gradient stays).
+    - Checkpoints also hold the gate buffer, `v_act` and the sampling RNG state (the deployed block is already a
+      stock PEFT adapter in `checkpoint-N/deployed/`); `resume_from_checkpoint` restores them and keeps both blocks
+      active. Adapter blocks get no weight decay, and a block parameter with an exactly zero gradient gets no
+      optimizer step (no momentum drift): no gradient means no change.
+    - Rejected with routing on: tools / environment_factory / rollout_func, FSDP and ZeRO-3 (untested).
     Inherited unchanged: data loading, reward computation, advantages, the clipped surrogate and its aggregation,
     generation itself, logging, evaluation. With `routing="none"` the trainer is stock GRPO with the adapter.
     An optional `measure_fn(prompts, completions, **columns) -> {"hack_strict": [...]}` is called after the gate
@@ -64,6 +67,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
             raise ValueError("peft_config is not accepted: RoutedGRPOTrainer attaches its own two-block adapter")
         self.adapter = _routed_adapter(model, args)
         super().__init__(self.adapter.model, reward_funcs, args, *pos, **kw)
+        self._reject_unsupported()
         self.measure_fn = measure_fn
         self._sampling_rng = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
         self._sampling_full: torch.Tensor | None = None  # (B,) of the last generation
@@ -73,13 +77,38 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self.gate = None
         if args.routing != "none":
             self.gate = Gate(
-                self._initial_vact(), args.route_tail_q, args.act_buffer_size, self.accelerator, self.accelerator.device
+                self._initial_vact(),
+                args.route_tail_q,
+                args.act_buffer_size,
+                self.accelerator,
+                self.accelerator.device,
+            )
+
+    def _reject_unsupported(self) -> None:
+        if self.args.routing == "none":
+            return
+        if self.tools or self.environment_factories is not None or self.rollout_func is not None:
+            raise ValueError(
+                "tools, environment_factory and rollout_func are not supported with routing on: multi-turn "
+                "generation re-enters generation for a subset of rows, so sampling modes and masks lose alignment"
+            )
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if self.is_fsdp_enabled or zero3:
+            raise ValueError(
+                "FSDP and DeepSpeed ZeRO-3 are not supported yet with routing on: the gate's gradient metrics, the "
+                "checkpoint resume of both blocks and the activation hooks are untested on sharded parameters. "
+                "Use DDP or ZeRO-2 (recipes/accelerate_configs/ddp.yaml, zero2.yaml)."
             )
 
     # ---- v_act ----------------------------------------------------------------------------------------------------
     def _extract_vact(self) -> torch.Tensor:
+        """Extract on every rank, then take rank 0's, so the gate is identical everywhere even if kernels are not."""
         pairs = load_pairs(self.args.vact_pairs_path)
-        return extract_vact(self.adapter, self.processing_class, pairs, mode=self.args.vact_sampling_mode)
+        vact = extract_vact(self.adapter, self.processing_class, pairs, mode=self.args.vact_sampling_mode)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            vact = vact.to(self.accelerator.device)
+            torch.distributed.broadcast(vact, src=0)
+        return vact.cpu()
 
     def _initial_vact(self) -> torch.Tensor:
         args = self.args
@@ -92,7 +121,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
 
     def _maybe_refresh_vact(self) -> None:
         step, every = self.state.global_step, self.args.vact_refresh_steps
-        if self.args.routing != "vact" or not every or step == 0 or step % every or step == self._last_refresh:
+        if self.args.routing != "vact" or not every or step - self._last_refresh < every:
             return
         old = self.gate.vact.clone()
         self.gate.set_vact(self._extract_vact())
@@ -107,10 +136,19 @@ class RoutedGRPOTrainer(GRPOTrainer):
         full = draw_sampling_modes(n, self.args.gen_deploy_frac, self._sampling_rng) if training else None
         self._sampling_full = full if full is not None else torch.ones(n, dtype=torch.bool)
         if full is None or full.all():
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        if not full.any():
+            with self.adapter.deployment_ablation():
+                return super()._generate_single_turn(
+                    prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+                )
         self.adapter.set_row_masks(full.float(), torch.zeros(n))  # deploy rows: quarantine output x 0
         try:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         finally:
             self.adapter.clear_row_masks()
 
@@ -147,7 +185,13 @@ class RoutedGRPOTrainer(GRPOTrainer):
         prompt_mask, completion_mask = output["prompt_mask"], output["completion_mask"]
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        pool_mask = torch.cat([torch.zeros_like(prompt_mask), completion_mask], dim=1)  # completion tokens only
+        pool_tokens = completion_mask.clone()  # (B, T_c)
+        empty = pool_tokens.sum(1) == 0  # rows masked out by mask_truncated_completions: pool their tokens anyway
+        if empty.any():
+            pool_tokens[empty] = (output["completion_ids"][empty] != self._tokenizer.pad_token_id).to(
+                pool_tokens.dtype
+            )
+        pool_mask = torch.cat([torch.zeros_like(prompt_mask), pool_tokens], dim=1)  # completion tokens only
         logps, acts = self._behaviour_forward(input_ids, attention_mask, completion_mask.size(1), full, pool_mask)
         t2 = time.perf_counter()
         decision = self.gate.step(acts)
@@ -210,8 +254,9 @@ class RoutedGRPOTrainer(GRPOTrainer):
         row_mean, row_max = per_row_rho(self._loss_logps, inputs["old_per_token_logps"], inputs["completion_mask"])
         zones = inputs["routing_zone"]
         bad_zone = first_nonfinite_zone(row_mean, row_max, zones)
-        if bad_zone is not None or not torch.isfinite(loss).all():
-            where = f"zone '{bad_zone}'" if bad_zone else "the loss"
+        bad = torch.tensor(float(bad_zone is not None or not torch.isfinite(loss).all()), device=loss.device)
+        if self.accelerator.reduce(bad, reduction="sum").item() > 0:  # every rank raises, none hangs in all-reduce
+            where = f"zone '{bad_zone}'" if bad_zone else ("the loss" if not torch.isfinite(loss) else "another rank")
             raise FloatingPointError(
                 f"non-finite importance ratio or loss at step {self.state.global_step} in {where} "
                 f"(rho_max per row {row_max.tolist()}, loss {loss.item()})"
@@ -225,10 +270,31 @@ class RoutedGRPOTrainer(GRPOTrainer):
             loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             self.adapter.clear_row_masks()  # only now: backward with checkpointing has re-run the hooks
-        if self.gate is not None:
+        if self.gate is not None and self.accelerator.sync_gradients and not self.is_deepspeed_enabled:
+            # after the last micro-step's backward: the accumulated, all-reduced gradient of this optimizer step
             dep, quar = grad_norm(self.adapter.parameters(DEPLOYED)), grad_norm(self.adapter.parameters(QUARANTINE))
             self._metrics["train"]["routing/qmass_grad"].append(grad_qmass(dep, quar))
         return loss
+
+    def create_optimizer(self, *args, **kwargs):
+        """TRL's optimizer plus a step pre-hook: a block parameter whose gradient is exactly zero gets no step at all.
+
+        Without it AdamW would still move such a parameter by the momentum of earlier steps (for example the
+        deployed block in a step where every rollout was routed). With it, "no gradient" means "no change".
+        """
+        optimizer = super().create_optimizer(*args, **kwargs)
+        blocks = [*self.adapter.parameters(DEPLOYED), *self.adapter.parameters(QUARANTINE)]
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate may wrap it later; hook the torch one
+
+        def drop_zero_grads(opt, args, kwargs):
+            for p in blocks:
+                if p.grad is not None and not p.grad.any():
+                    p.grad = None
+
+        if not getattr(inner, "_routed_zero_grad_hook", False) and hasattr(inner, "register_step_pre_hook"):
+            inner.register_step_pre_hook(drop_zero_grads)
+            inner._routed_zero_grad_hook = True
+        return optimizer
 
     def get_decay_parameter_names(self, model) -> list[str]:
         """No weight decay on the blocks: a block that receives no gradient must not move (DESIGN.md section 4)."""
@@ -244,8 +310,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
             state["gate"] = self.gate.state_dict()
         rank = self.accelerator.process_index
         torch.save(state, os.path.join(folder, f"routing_state_rank{rank}.pt"))
-        if self.accelerator.is_main_process:
-            self.adapter.export_deployed(os.path.join(folder, "deployed"))
+        # The parent's PEFT save already wrote `folder/deployed/`: a stock LoRA adapter of the deployed block.
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Load both blocks and keep both active and trainable.
@@ -268,11 +333,12 @@ class RoutedGRPOTrainer(GRPOTrainer):
         path = os.path.join(checkpoint, f"routing_state_rank{self.accelerator.process_index}.pt")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: the checkpoint has no routing state for this process")
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         self._sampling_rng.set_state(state["sampling_rng"])
         self._last_refresh = state["last_refresh"]
         if self.gate is not None:
             self.gate.load_state_dict(state["gate"])
+            self.gate.route_tail_q = self.args.route_tail_q  # the config, not the checkpoint, sets the tail mass
 
 
 def _routed_adapter(model, args: RoutedGRPOConfig) -> RoutedAdapter:
@@ -282,6 +348,7 @@ def _routed_adapter(model, args: RoutedGRPOConfig) -> RoutedAdapter:
     peft_config = getattr(model, "peft_config", None)
     if peft_config is not None:
         if DEPLOYED in peft_config and QUARANTINE in peft_config:
+            model.base_model.set_adapter([DEPLOYED, QUARANTINE])  # both active and trainable
             return RoutedAdapter.of(model, init_seed=args.adapter_init_seed)
         raise ValueError(f"the model already has PEFT adapters {list(peft_config)}; pass the base model instead")
     return attach_routed_adapter(

@@ -25,7 +25,9 @@ def _perturb(adapter, seed=0):
 
 
 def _grads(adapter, block):
-    return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in adapter.parameters(block)])
+    return torch.cat(
+        [p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in adapter.parameters(block)]
+    )
 
 
 def _masked_grads(adapter, ids, masks):
@@ -78,7 +80,7 @@ def test_i2_ablation_is_base_plus_deployed_and_leaves_deployed_alone(tokenizer):
     # Reference: the same weights with the quarantine block reset to its initial value.
     adapter.reset_quarantine()
     torch.testing.assert_close(adapter.model(input_ids=ids).logits, ablated)
-    for before, after in zip(deployed_before, adapter.parameters(DEPLOYED)):
+    for before, after in zip(deployed_before, adapter.parameters(DEPLOYED), strict=True):
         torch.testing.assert_close(after, before, rtol=0, atol=0)
     # Base + deployed delta computed by hand from PEFT with the quarantine deleted.
     adapter.model.delete_adapter(QUARANTINE)

@@ -60,7 +60,7 @@ def test_measurements_are_logged_but_never_change_routing(tmp_path):
         assert t.state.log_history[0]["measure/hack_strict"] == value
     (t1, z1), (t2, z2) = runs
     assert len(z1) == len(z2) == 2
-    for a, b in zip(z1, z2):
+    for a, b in zip(z1, z2, strict=True):
         assert torch.equal(a, b)
     for block in (DEPLOYED, QUARANTINE):
         torch.testing.assert_close(snapshot(t1.adapter, block), snapshot(t2.adapter, block), rtol=0, atol=0)

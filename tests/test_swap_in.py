@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STOCK_SCRIPT = '''
+STOCK_SCRIPT = """
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
@@ -21,7 +21,7 @@ args = GRPOConfig(output_dir=OUT, per_device_train_batch_size=8, num_generations
 trainer = GRPOTrainer(model=MODEL, reward_funcs=reward_len, args=args, train_dataset=dataset)
 trainer.train()
 print("TRAINED", type(trainer).__name__, trainer.state.global_step)
-'''
+"""
 
 
 def _run(script: str, model_dir: Path, out: Path) -> str:
@@ -36,14 +36,29 @@ def test_plain_trl_script_swaps_in_by_changing_two_classes(tiny_model_dir, tmp_p
     assert "TRAINED GRPOTrainer 2" in _run(STOCK_SCRIPT, tiny_model_dir, tmp_path / "stock")
     vact = tmp_path / "vact.safetensors"
     extract = subprocess.run(
-        [sys.executable, "-m", "routed_grpo.cli.main", "pairs", "extract", "--model", str(tiny_model_dir),
-         "--pairs", str(ROOT / "pairs"), "--out", str(vact)],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "routed_grpo.cli.main",
+            "pairs",
+            "extract",
+            "--model",
+            str(tiny_model_dir),
+            "--pairs",
+            str(ROOT / "pairs"),
+            "--out",
+            str(vact),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=ROOT,
     )
     assert extract.returncode == 0, extract.stderr[-3000:]
     routed = (
-        STOCK_SCRIPT.replace("from trl import GRPOConfig, GRPOTrainer",
-                             "from routed_grpo import RoutedGRPOConfig, RoutedGRPOTrainer")
+        STOCK_SCRIPT.replace(
+            "from trl import GRPOConfig, GRPOTrainer", "from routed_grpo import RoutedGRPOConfig, RoutedGRPOTrainer"
+        )
         .replace("GRPOConfig(output_dir=OUT,", f"RoutedGRPOConfig(output_dir=OUT, vact_path={str(vact)!r},")
         .replace("GRPOTrainer(model=", "RoutedGRPOTrainer(model=")
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_model
+from peft import PeftModel
 from trainer_utils import (
     DEPLOYED,
     QUARANTINE,
@@ -52,12 +53,20 @@ def _force_zone(t, zone: int):
     t.gate.step = step
 
 
-def test_i4_rho_is_one_exactly_where_forward_mode_matches_sampling_mode(tmp_path):
-    t = trainer(tmp_path, gen_deploy_frac=0.5, per_device_train_batch_size=16, route_tail_q=0.3, max_steps=1)
+@pytest.mark.parametrize("batch,accum", [(16, 1), (8, 2)])  # (8, 2): the behaviour forward runs in two chunks
+def test_i4_rho_is_one_exactly_where_forward_mode_matches_sampling_mode(tmp_path, batch, accum):
+    t = trainer(
+        tmp_path,
+        gen_deploy_frac=0.5,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        route_tail_q=0.3,
+        max_steps=1,
+    )
     perturb_quarantine(t.adapter)  # otherwise deploy and full policies coincide at init
     records = _spy_loss(t)
     t.train()
-    r = records[0]
+    r = {k: torch.cat([rec[k] for rec in records]) for k in records[0]}  # the micro-batches of step 1
     row_mean, _ = per_row_rho(r["logps"], r["old_per_token_logps"], r["completion_mask"])
     full, zones = r["sampling_full"].bool(), r["routing_zone"]
     matched = (full & (zones != KEEP)) | (~full & (zones == KEEP))
@@ -114,7 +123,10 @@ def test_i7_routing_none_loss_equals_stock_grpo_and_the_dr_grpo_formula(tmp_path
 
     stock_adapter = attach_routed_adapter(stock_model, rank=4)
     stock = GRPOTrainer(
-        model=stock_adapter.model, reward_funcs=reward_len, args=stock_args, train_dataset=dataset(),
+        model=stock_adapter.model,
+        reward_funcs=reward_len,
+        args=stock_args,
+        train_dataset=dataset(),
         processing_class=TOKENIZER,
     )
     stock.model.train()
@@ -142,7 +154,8 @@ def test_i7_routed_all_absorb_matches_stock_loss(tmp_path):
     torch.testing.assert_close(grads_masked, grads_plain, rtol=1e-4, atol=1e-7)
 
 
-def test_gradient_checkpointing_on_and_off_give_the_same_gradients(tmp_path):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_on_and_off_give_the_same_gradients(tmp_path, reentrant):
     t_off = trainer(tmp_path, gradient_checkpointing=False, gen_deploy_frac=0.5)
     perturb_quarantine(t_off.adapter)
     inputs = _fixed_batch(t_off)
@@ -150,7 +163,7 @@ def test_gradient_checkpointing_on_and_off_give_the_same_gradients(tmp_path):
     t_on = trainer(tmp_path, gradient_checkpointing=True, gen_deploy_frac=0.5)
     perturb_quarantine(t_on.adapter)
     t_on.model.train()
-    t_on.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    t_on.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     loss_off, g_off = _loss_and_grads(t_off, inputs)
     loss_on, g_on = _loss_and_grads(t_on, inputs)
     torch.testing.assert_close(loss_on, loss_off)
@@ -158,6 +171,7 @@ def test_gradient_checkpointing_on_and_off_give_the_same_gradients(tmp_path):
 
 
 def test_optimizer_step_leaves_a_block_without_gradient_unchanged(tmp_path):
+    """Weight decay is configured, and the block had momentum from a first step; a zero-gradient step moves nothing."""
     t = trainer(tmp_path, weight_decay=0.1)
     opt = t.create_optimizer()
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
@@ -165,13 +179,19 @@ def test_optimizer_step_leaves_a_block_without_gradient_unchanged(tmp_path):
     with torch.no_grad():
         for p in t.adapter.parameters(DEPLOYED):
             p.add_(0.1)  # non-zero weights, so decay toward zero would visibly move them
-    before = snapshot(t.adapter, DEPLOYED)
-    for p in t.model.parameters():
-        p.grad = torch.zeros_like(p) if p.requires_grad else None
-    for p in t.adapter.parameters(QUARANTINE):
+    trainable = [p for p in t.model.parameters() if p.requires_grad]
+    for p in trainable:  # step 1: every block gets a gradient (builds Adam momentum)
         p.grad = torch.randn_like(p)
     opt.step()
+    before = snapshot(t.adapter, DEPLOYED)
+    for p in trainable:  # step 2: the deployed block gets an exactly zero gradient (e.g. an all-route step)
+        p.grad = torch.zeros_like(p)
+    for p in t.adapter.parameters(QUARANTINE):
+        p.grad = torch.randn_like(p)
+    quarantine_before = snapshot(t.adapter, QUARANTINE)
+    opt.step()
     torch.testing.assert_close(snapshot(t.adapter, DEPLOYED), before, rtol=0, atol=0)
+    assert not torch.equal(snapshot(t.adapter, QUARANTINE), quarantine_before)
 
 
 def test_resume_restores_buffer_thresholds_vact_and_sampling_rng(tmp_path):
@@ -179,7 +199,8 @@ def test_resume_restores_buffer_thresholds_vact_and_sampling_rng(tmp_path):
     first = trainer(tmp_path / "a", **common)
     first.train()
     ckpt = tmp_path / "a" / "out" / "checkpoint-2"
-    assert (ckpt / "deployed" / "adapter_model.safetensors").exists()
+    deployed = PeftModel.from_pretrained(make_model(len(TOKENIZER)), str(ckpt / "deployed"))  # stock PEFT loads it
+    assert deployed.peft_config["default"].r == first.adapter.rank
     assert (ckpt / "routing_state_rank0.pt").exists()
     resumed = trainer(tmp_path / "b", **common)
     resumed.train(resume_from_checkpoint=str(ckpt))
@@ -214,6 +235,9 @@ def test_config_rejects_inconsistent_settings(tmp_path):
         (dict(routing="vact"), "vact_path or vact_pairs_path"),
         (dict(routing="oracle"), "routing='oracle'"),
         (dict(vact_refresh_steps=5), "vact_refresh_steps=5"),
+        (dict(use_vllm=True), "use_vllm=True"),
+        (dict(disable_dropout=False), "disable_dropout=False"),
+        (dict(use_transformers_continuous_batching=True, gen_deploy_frac=0.5), "continuous_batching"),
     ]:
         with pytest.raises(ValueError, match=match):
             config(tmp_path, **bad)
@@ -223,14 +247,35 @@ def test_config_rejects_inconsistent_settings(tmp_path):
 
 # Signatures of the upstream methods RoutedGRPOTrainer overrides, pinned to TRL 1.16.
 PINNED = {
-    "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations",
-                              "has_tool_images"],
+    "_generate_single_turn": [
+        "self",
+        "prompt_ids",
+        "images",
+        "multimodal_fields",
+        "num_generations",
+        "has_tool_images",
+    ],
     "_generate_and_score_completions": ["self", "inputs"],
-    "_get_per_token_logps_and_entropies": ["self", "model", "input_ids", "attention_mask", "logits_to_keep",
-                                           "batch_size", "compute_entropy", "compute_aux_loss", "pixel_values",
-                                           "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-                                           "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids",
-                                           "image_position_ids"],
+    "_get_per_token_logps_and_entropies": [
+        "self",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
+        "compute_aux_loss",
+        "pixel_values",
+        "image_grid_thw",
+        "num_images",
+        "pixel_attention_mask",
+        "spatial_shapes",
+        "num_tiles",
+        "image_sizes",
+        "token_type_ids",
+        "mm_token_type_ids",
+        "image_position_ids",
+    ],
     "compute_loss": ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
     "training_step": ["self", "model", "inputs", "num_items_in_batch"],
     "get_decay_parameter_names": ["self", "model"],
