@@ -408,6 +408,6 @@ def check_pairs(pairs: Sequence[Pair], side: str = "clean", timeout_s: float = 1
         if not pair.checks:
             continue
         code = extract_code(getattr(pair, side)) or ""
-        prelude = LEETCODE_PRELUDE if pair.domain == "leetcode" else ""
+        prelude = LEETCODE_PRELUDE if pair.domain in ("leetcode", "organism") else ""
         out[pair.id] = run_checks(code, pair.checks, prelude, timeout_s)
     return out
