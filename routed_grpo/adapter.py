@@ -96,7 +96,8 @@ class RoutedAdapter:
         self.rank = peft_model.peft_config[DEPLOYED].r
         self.targets = sorted(peft_model.peft_config[DEPLOYED].target_modules)
         self._row_m: torch.Tensor | None = None  # (B,) quarantine output multiplier
-        self._row_d: torch.Tensor | None = None  # (B,) 1 = detach the deployed output
+        self._row_d: torch.Tensor | None = None  # (B,) True = detach the deployed output
+        self._rows_n: int | None = None  # batch size the masks were set for
         self._quarantine_off = 0  # depth of nested ablation contexts
         self._token_mask: torch.Tensor | None = None  # (B, T) while capturing
         self._captured: dict[str, torch.Tensor] = {}
@@ -149,13 +150,19 @@ class RoutedAdapter:
 
     # ---- masks and modes -----------------------------------------------------------------------------------------
     def set_row_masks(self, m: torch.Tensor, d: torch.Tensor) -> None:
-        """Per-row masks for the next forward(s) and their backward; keep them until `clear_row_masks()`."""
+        """Per-row masks for the next forward(s) and their backward; keep them until `clear_row_masks()`.
+
+        The batch size is checked against every forward. A mask that changes nothing (`m` all ones, `d` all zeros)
+        is stored as None, which skips its hook's tensor work.
+        """
         if m.shape != d.shape or m.dim() != 1:
             raise ValueError(f"masks must be 1-d and equal shapes, got m {tuple(m.shape)} and d {tuple(d.shape)}")
-        self._row_m, self._row_d = m.detach().float(), d.detach().float()
+        self._rows_n = m.shape[0]
+        self._row_m = None if bool((m == 1).all()) else m.detach().float()
+        self._row_d = None if not bool(d.any()) else d.detach().bool()
 
     def clear_row_masks(self) -> None:
-        self._row_m = self._row_d = None
+        self._row_m = self._row_d = self._rows_n = None
 
     @contextlib.contextmanager
     def deployment_ablation(self) -> Iterator[None]:
@@ -174,22 +181,24 @@ class RoutedAdapter:
         raise ValueError(f"sampling mode must be 'deploy' or 'full', got {mode!r}")
 
     def _rows(self, mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if mask.shape[0] != out.shape[0]:
-            raise RuntimeError(f"row masks are set for {mask.shape[0]} rows but the forward has {out.shape[0]}")
-        return mask.to(device=out.device, dtype=out.dtype).view(-1, *([1] * (out.dim() - 1)))
+        return mask.to(device=out.device).view(-1, *([1] * (out.dim() - 1)))
+
+    def _check_rows(self, out: torch.Tensor) -> None:
+        if self._rows_n is not None and self._rows_n != out.shape[0]:
+            raise RuntimeError(f"row masks are set for {self._rows_n} rows but the forward has {out.shape[0]}")
 
     def _quarantine_hook(self, module, args, out: torch.Tensor) -> torch.Tensor:
+        self._check_rows(out)
         if self._quarantine_off:
             return out * 0.0
         if self._row_m is not None:
-            return out * self._rows(self._row_m, out)
+            return out * self._rows(self._row_m, out).to(out.dtype)
         return out
 
     def _deployed_hook(self, module, args, out: torch.Tensor) -> torch.Tensor:
         if self._row_d is None:
             return out
-        d = self._rows(self._row_d, out)
-        return out.detach() * d + out * (1 - d)  # same forward value; no gradient on rows with d = 1
+        return torch.where(self._rows(self._row_d, out), out.detach(), out)  # same value; no gradient where d = 1
 
     # ---- activation capture -------------------------------------------------------------------------------------
     @contextlib.contextmanager

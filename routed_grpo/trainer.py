@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 
 from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_routed_adapter
 from routed_grpo.config import RoutedGRPOConfig
@@ -158,19 +159,29 @@ class RoutedGRPOTrainer(GRPOTrainer):
         """Per-token log-probs in each row's sampling mode (B, T_c) and pooled activations (B, M, r)."""
         chunk = self.args.per_device_train_batch_size
         logps, acts = [], []
-        for s in range(0, input_ids.size(0), chunk):
-            rows = slice(s, s + chunk)
-            self.adapter.set_row_masks(full[rows].float(), torch.zeros(full[rows].shape))
-            try:
-                with self.adapter.capture(pool_mask[rows]):
-                    lp, _, _ = self._get_per_token_logps_and_entropies(
-                        self.model, input_ids[rows], attention_mask[rows], logits_to_keep, batch_size=chunk
-                    )
-            finally:
-                self.adapter.clear_row_masks()
-            logps.append(lp)
-            acts.append(self.adapter.pooled())
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            for s in range(0, input_ids.size(0), chunk):
+                lp, h = self._behaviour_chunk(
+                    input_ids[s : s + chunk],
+                    attention_mask[s : s + chunk],
+                    logits_to_keep,
+                    full[s : s + chunk],
+                    pool_mask[s : s + chunk],
+                )
+                logps.append(lp)
+                acts.append(h)
         return torch.cat(logps), torch.cat(acts)
+
+    def _behaviour_chunk(self, input_ids, attention_mask, logits_to_keep, full, pool_mask):
+        self.adapter.set_row_masks(full.float(), torch.zeros(full.shape))
+        try:
+            with self.adapter.capture(pool_mask):
+                lp, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model, input_ids, attention_mask, logits_to_keep, batch_size=input_ids.size(0)
+                )
+        finally:
+            self.adapter.clear_row_masks()
+        return lp, self.adapter.pooled()
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         if self.gate is not None and self.model.training:
