@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,13 +134,11 @@ def problem_from_record(record: Any, where: str = "<record>") -> Problem:
     )
 
 
-def load_jsonl(path: str | os.PathLike) -> list[Problem]:
-    """Read a JSONL file of reference records; blank lines are skipped; ids must be unique."""
+def iter_jsonl(path: str | Path, error: type[Exception] = ProblemsError) -> Iterator[tuple[int, str, Any]]:
+    """`(line, "file:line", record)` for each non-blank line; a missing file or malformed JSON raises `error`."""
     path = Path(path)
     if not path.is_file():
-        raise ProblemsError(f"{path}: no such file")
-    problems: list[Problem] = []
-    seen: dict[str, int] = {}
+        raise error(f"{path}: no such file")
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -149,12 +147,20 @@ def load_jsonl(path: str | os.PathLike) -> list[Problem]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ProblemsError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-            problem = problem_from_record(record, where)
-            if problem.id in seen:
-                raise ProblemsError(f"{where}: field 'id' {problem.id!r} repeats line {seen[problem.id]}")
-            seen[problem.id] = lineno
-            problems.append(problem)
+                raise error(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+            yield lineno, where, record
+
+
+def load_jsonl(path: str | os.PathLike) -> list[Problem]:
+    """Read a JSONL file of reference records; blank lines are skipped; ids must be unique."""
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for lineno, where, record in iter_jsonl(path):
+        problem = problem_from_record(record, where)
+        if problem.id in seen:
+            raise ProblemsError(f"{where}: field 'id' {problem.id!r} repeats line {seen[problem.id]}")
+        seen[problem.id] = lineno
+        problems.append(problem)
     if not problems:
         raise ProblemsError(f"{path}: no problem records")
     return problems

@@ -19,7 +19,7 @@ import typer
 from sandbox.executor import Limits
 from sandbox.labels import Labels, label_many
 from sandbox.loopholes import LOOPHOLE_MODES, get_mode
-from sandbox.problems import Problem, ProblemsError, by_id, load_problems, render_leetcode_question
+from sandbox.problems import Problem, ProblemsError, by_id, iter_jsonl, load_problems, render_leetcode_question
 
 app = typer.Typer(no_args_is_help=True, help="Grade completions in the loophole environment.")
 
@@ -35,32 +35,22 @@ def _fail(message: str) -> None:
 
 def read_completions(path: Path, problems: dict[str, Problem]) -> list[tuple[int, str, str, str | None]]:
     """(line number, problem id, completion, per-line loophole or None) for each non-blank line of `path`."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for field in ("id", "completion"):
-                if field not in record:
-                    raise InputError(f"{where}: missing field '{field}'")
-            pid = record["id"]
-            if isinstance(pid, bool) or not isinstance(pid, (str, int)) or str(pid) not in problems:
-                raise InputError(f"{where}: field 'id' {pid!r:.60} is not a problem id in the problems file")
-            if not isinstance(record["completion"], str):
-                raise InputError(f"{where}: field 'completion' must be a string")
-            mode = record.get("loophole")
-            if mode is not None and (not isinstance(mode, str) or (mode and mode not in LOOPHOLE_MODES)):
-                raise InputError(f"{where}: field 'loophole' must be \"\" or one of {', '.join(LOOPHOLE_MODES)}")
-            rows.append((lineno, str(pid), record["completion"], mode))
+    for lineno, where, record in iter_jsonl(path, InputError):
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for field in ("id", "completion"):
+            if field not in record:
+                raise InputError(f"{where}: missing field '{field}'")
+        pid = record["id"]
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)) or str(pid) not in problems:
+            raise InputError(f"{where}: field 'id' {pid!r:.60} is not a problem id in the problems file")
+        if not isinstance(record["completion"], str):
+            raise InputError(f"{where}: field 'completion' must be a string")
+        mode = record.get("loophole")
+        if mode is not None and (not isinstance(mode, str) or (mode and mode not in LOOPHOLE_MODES)):
+            raise InputError(f"{where}: field 'loophole' must be \"\" or one of {', '.join(LOOPHOLE_MODES)}")
+        rows.append((lineno, str(pid), record["completion"], mode))
     if not rows:
         raise InputError(f"{path}: no completions")
     return rows
