@@ -17,7 +17,10 @@ def test_two_processes_train_with_identical_thresholds(tmp_path):
     with socket.socket() as sock:  # a free port on loopback for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    # The workers run as a user's launch would: without pytest's variables (with PYTEST_CURRENT_TEST set, the
+    # workers were seen to hang at exit after finishing their work).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     cmd = [
         sys.executable,
         "-m",
