@@ -24,27 +24,6 @@ from pathlib import Path
 ARMS = {"stock": None, "routed_frac0": 0.0, "routed_frac0.5": 0.5}
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = [f"class Solution:\n    def f{i}(self, nums):\n        return sum(nums) * {i}\n" for i in range(50)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    return fast
-
-
 def _timed(obj, name: str, bucket: dict[str, float]) -> None:
     original = getattr(obj, name)
 
@@ -61,27 +40,17 @@ def _timed(obj, name: str, bucket: dict[str, float]) -> None:
 def run_arm(arm: str, steps: int, warmup: int, out: Path) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl import GRPOTrainer
 
     from routed_grpo.adapter import attach_routed_adapter
     from routed_grpo.config import RoutedGRPOConfig
+    from routed_grpo.organism import OrganismConfig, make_model, train_tokenizer
     from routed_grpo.trainer import RoutedGRPOTrainer
 
-    tok = _tokenizer()
+    corpus = [f"class Solution:\n    def f{i}(self, nums):\n        return sum(nums) * {i}\n" for i in range(50)]
+    tok = train_tokenizer(corpus, vocab_size=600)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tok),
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-        )
-    )  # the organism's size
+    model = make_model(OrganismConfig(), tok)  # the CPU model organism's size
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"Write f{i % 50}."}]} for i in range(512)])
 
     def reward(prompts, completions, **kw):
