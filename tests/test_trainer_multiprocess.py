@@ -17,8 +17,7 @@ def test_two_processes_train_with_identical_thresholds(tmp_path):
     with socket.socket() as sock:  # a free port on loopback for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    # The workers run as a user's launch would: without pytest's variables (with PYTEST_CURRENT_TEST set, the
-    # workers were seen to hang at exit after finishing their work).
+    # The workers run as a user's launch would, without pytest's variables.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     cmd = [
@@ -34,7 +33,7 @@ def test_two_processes_train_with_identical_thresholds(tmp_path):
         str(HERE / "mp_trainer_worker.py"),
         str(tmp_path),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["global_step"] == 2 for r in ranks)
