@@ -44,7 +44,7 @@ def run_arm(arm: str, steps: int, warmup: int, out: Path) -> dict:
 
     from routed_grpo.adapter import attach_routed_adapter
     from routed_grpo.config import RoutedGRPOConfig
-    from routed_grpo.organism import OrganismConfig, make_model, train_tokenizer
+    from routed_grpo.lab.organism import OrganismConfig, make_model, train_tokenizer
     from routed_grpo.trainer import RoutedGRPOTrainer
 
     corpus = [f"class Solution:\n    def f{i}(self, nums):\n        return sum(nums) * {i}\n" for i in range(50)]

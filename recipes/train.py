@@ -3,14 +3,14 @@
     accelerate launch --config_file accelerate_config.yaml recipes/train.py --config recipes/organism/routed.yaml
 
 Parse (TRL's `TrlParser`: `ExperimentArguments`, `RoutedGRPOConfig`, `ModelConfig`), build, train, save; the
-logic lives in `routed_grpo.experiment`. Command-line flags override the recipe's keys (`--output_dir runs/x`).
+logic lives in `routed_grpo.lab.experiment`. Command-line flags override the recipe's keys (`--output_dir runs/x`).
 """
 
 import sys
 
 import torch
 
-from routed_grpo.experiment import parse_recipe, run_experiment
+from routed_grpo.lab.experiment import parse_recipe, run_experiment
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,6 @@ What it does not cover: the adapter and its hooks (routed_grpo/adapter.py), the 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from routed_grpo.utils import atomic_path, batched, encode_rollout
 
 if TYPE_CHECKING:
     from routed_grpo.adapter import RoutedAdapter
@@ -65,19 +65,9 @@ def haar_placebo(like: Tensor, seed: int) -> Tensor:
     return (x / x.norm(dim=-1, keepdim=True)).float()
 
 
-def _tokenise(tokenizer: Any, pair_prompt: list[dict], completion: str) -> tuple[list[int], int]:
-    """Token ids of prompt + completion (+ EOS) and the number of prompt tokens."""
-    prompt_text = tokenizer.apply_chat_template(pair_prompt, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        completion_ids = [*completion_ids, tokenizer.eos_token_id]
-    return [*prompt_ids, *completion_ids], len(prompt_ids)
-
-
 def _batch(tokenizer: Any, prompts: Sequence[list[dict]], completions: Sequence[str]) -> dict[str, Tensor]:
     """Right-padded input_ids, attention_mask and the completion-token mask, all (B, T)."""
-    encoded = [_tokenise(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+    encoded = [encode_rollout(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
     width = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -108,8 +98,9 @@ def pooled_completion_activations(
     model.eval()  # deterministic: no dropout
     out = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            batch = _batch(tokenizer, prompts[start : start + batch_size], completions[start : start + batch_size])
+        rows = list(zip(prompts, completions, strict=True))
+        for chunk in batched(rows, batch_size):
+            batch = _batch(tokenizer, [p for p, _ in chunk], [c for _, c in chunk])
             batch = {k: v.to(device) for k, v in batch.items()}
             with adapter.sampling_mode(mode), adapter.capture(batch["completion_mask"]):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
@@ -163,15 +154,8 @@ def save_vact(path: str | Path, vact: Tensor, metadata: dict[str, Any]) -> Path:
     if metadata.get("kind", "vact") not in KINDS:
         raise VactError(f"metadata kind must be one of {KINDS}; got {metadata['kind']!r}")
     encoded = {str(k): json.dumps(v) for k, v in metadata.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({VACT_KEY: vact.detach().float().cpu().contiguous()}, tmp, metadata=encoded)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({VACT_KEY: vact.detach().float().cpu().contiguous()}, str(tmp), metadata=encoded)
     return path
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,11 +332,6 @@ def render_completion(problem: dict[str, Any], hack: bool, rng: random.Random) -
 
 def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Write records atomically (temp file in the same directory, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-    return path
+    from routed_grpo.utils import atomic_write_text
+
+    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from routed_grpo.evaluation import atomic_write_text, labelled_rollouts, score_metrics
 from routed_grpo.gate import score
+from routed_grpo.lab.evaluation import labelled_rollouts, score_metrics
+from routed_grpo.utils import atomic_write_text
 from routed_grpo.vact import VactError, load_vact, unit_mean_difference
 
 

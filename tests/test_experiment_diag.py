@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from routed_grpo.evaluation import rates, score_metrics
+from routed_grpo.lab.evaluation import rates, score_metrics
 from sandbox.labels import Labels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

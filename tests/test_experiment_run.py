@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOTrainer
 
 from routed_grpo.adapter import RoutedAdapter, attach_routed_adapter
-from routed_grpo.evaluation import evaluate_run
-from routed_grpo.experiment import export_full_as_lora, parse_recipe, run_experiment
-from routed_grpo.report import compare_runs
+from routed_grpo.lab.evaluation import evaluate_run
+from routed_grpo.lab.experiment import export_full_as_lora, parse_recipe, run_experiment
+from routed_grpo.lab.report import compare_runs
 from routed_grpo.trainer import RoutedGRPOTrainer
 from routed_grpo.vact import load_vact
 

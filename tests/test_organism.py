@@ -11,9 +11,9 @@ import torch
 from transformers import Qwen2ForCausalLM
 from typer.testing import CliRunner
 
-from routed_grpo import organism as org
 from routed_grpo.cli.main import app
-from routed_grpo.organism_pairs import organism_pairs, write_pairs_yaml
+from routed_grpo.lab import organism as org
+from routed_grpo.lab.organism_pairs import organism_pairs, write_pairs_yaml
 from routed_grpo.pairs import load_pairs
 from sandbox import organism_problems as op
 from sandbox.extract import extract_code

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from routed_grpo.evaluation import wilson
-from routed_grpo.experiment import ARM_ROUTING, parse_recipe
+from routed_grpo.lab.evaluation import wilson
+from routed_grpo.lab.experiment import ARM_ROUTING, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIRS = ("organism", "qwen3_4b")

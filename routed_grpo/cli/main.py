@@ -1,8 +1,13 @@
-"""The `routed-grpo` command line: one typer app with a sub-app per area."""
+"""The `routed-grpo` command line: one typer app with a sub-app per area.
+
+The core's commands (`pairs`, `sandbox`) live in `routed_grpo/cli/`; the lab's (`organism`, `experiment`, `study`,
+`demo`, `eval`, `compare`) in `routed_grpo/lab/cli/`. This module is the only place that joins them.
+"""
 
 import typer
 
-from routed_grpo.cli import experiment_cmd, organism_cmd, pairs_cmd, sandbox_cmd
+from routed_grpo.cli import pairs_cmd, sandbox_cmd
+from routed_grpo.lab.cli import experiment_cmd, organism_cmd
 
 app = typer.Typer(no_args_is_help=True, help="Gradient routing against reward hacking for TRL GRPO.")
 app.add_typer(sandbox_cmd.app, name="sandbox", help="Grade completions in the loophole environment.")

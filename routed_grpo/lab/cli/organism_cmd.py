@@ -1,6 +1,6 @@
 """`routed-grpo organism ...`: build the CPU model organism, write its contrast pairs.
 
-Covers the command line only; the work is in `routed_grpo.organism` and `routed_grpo.organism_pairs`.
+Covers the command line only; the work is in `routed_grpo.lab.organism` and `routed_grpo.lab.organism_pairs`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ app = typer.Typer(no_args_is_help=True)
 
 def _parse_settings(items: list[str]) -> dict:
     """`KEY=VALUE` strings -> OrganismConfig overrides (values parsed as JSON, else kept as text)."""
-    from routed_grpo.organism import OrganismConfig
+    from routed_grpo.lab.organism import OrganismConfig
 
     fields = {f.name for f in dataclasses.fields(OrganismConfig)} - {"seed"}
     out = {}
@@ -46,7 +46,7 @@ def build(
     """Build (or reuse from the cache) the tiny model, its tokenizer and the problem files; print their paths."""
     import torch
 
-    from routed_grpo.organism import build_organism
+    from routed_grpo.lab.organism import build_organism
 
     overrides = _parse_settings(settings)
     if threads > 0:
@@ -66,6 +66,6 @@ def pairs(
     seed: int = typer.Option(0, help="Seed of the problem split (pairs use training instances only)."),
 ) -> None:
     """Write (hack, clean) contrast pairs for the organism domain."""
-    from routed_grpo.organism_pairs import write_pairs_yaml
+    from routed_grpo.lab.organism_pairs import write_pairs_yaml
 
     typer.echo(str(write_pairs_yaml(out, n=n, seed=seed)))

@@ -1,8 +1,8 @@
 """`routed-grpo experiment eval | compare` and the top-level `routed-grpo demo` (the organism end to end).
 
-Covers the command-line surface only; the work is in routed_grpo.evaluation (deployment evaluation),
-routed_grpo.report (comparison) and routed_grpo.experiment (training one arm). Bad input (a directory that is not
-a finished run, an unknown recipe key) prints the error and exits 2.
+Covers the command-line surface only; the work is in routed_grpo.lab.evaluation (deployment evaluation),
+routed_grpo.lab.report (comparison) and routed_grpo.lab.experiment (training one arm). Bad input (a directory that
+is not a finished run, an unknown recipe key) prints the error and exits 2.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import typer
 
+from routed_grpo.lab import ORGANISM_RECIPES as RECIPES
+
 app = typer.Typer(no_args_is_help=True)
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "organism"
 ARMS = ("baseline", "routed", "placebo")
 
 
@@ -39,7 +40,7 @@ def eval_cmd(
 ) -> None:
     """Deployed (quarantine ablated) and full hack/solve/compile rates on held-out problems; writes eval.json."""
     _env()
-    from routed_grpo.evaluation import eval_table, evaluate_run
+    from routed_grpo.lab.evaluation import eval_table, evaluate_run
 
     try:
         result = evaluate_run(run_dir, n=n, seed=seed, workers=workers, progress=True)
@@ -57,7 +58,7 @@ def compare_cmd(
     ),
 ) -> None:
     """Markdown table across arms and seeds, and PNG plots of hack and solve rate over training."""
-    from routed_grpo.report import compare_runs
+    from routed_grpo.lab.report import compare_runs
 
     try:
         table, png = compare_runs(run_dirs, out or run_dirs[0].parent)
@@ -80,9 +81,9 @@ def demo(
     evaluation and the comparison report."""
     _env()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from routed_grpo.evaluation import eval_table, evaluate_run
-    from routed_grpo.experiment import parse_recipe, run_experiment
-    from routed_grpo.report import compare_runs
+    from routed_grpo.lab.evaluation import eval_table, evaluate_run
+    from routed_grpo.lab.experiment import parse_recipe, run_experiment
+    from routed_grpo.lab.report import compare_runs
 
     t0 = time.time()
     run_dirs = []

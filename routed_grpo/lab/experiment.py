@@ -15,8 +15,8 @@ file or the LeetCode hub dataset, rows with the loophole partition from `sandbox
 and the run directory (`config.yaml`, `metrics.jsonl`, `vact.safetensors`, `heldout.jsonl`, `checkpoint-N/`,
 `final/`, `deployed/`). Measurement labels (`sandbox.labels`) are used here only as measurements: the trainer's
 `measure_fn` (logged under `measure/`) and a periodic held-out measurement (`measure/heldout/...`).
-Does not cover: the trainer itself (routed_grpo.trainer), deployment evaluation (routed_grpo.evaluation),
-comparison (routed_grpo.report).
+Does not cover: the trainer itself (routed_grpo.trainer), deployment evaluation (routed_grpo.lab.evaluation),
+comparison (routed_grpo.lab.report).
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ from trl import GRPOTrainer, ModelConfig, TrlParser
 
 from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_routed_adapter
 from routed_grpo.config import RoutedGRPOConfig
-from routed_grpo.evaluation import HeldoutMeasurement, MetricsJSONL, atomic_write_text, plain
+from routed_grpo.lab import ORGANISM_PAIRS
+from routed_grpo.lab.evaluation import HeldoutMeasurement, MetricsJSONL, plain
 from routed_grpo.trainer import RoutedGRPOTrainer
+from routed_grpo.utils import atomic_write_text
 from routed_grpo.vact import adapter_metadata, save_vact
 
 log = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ def load_data(script: ExperimentArguments, seed: int, progress: bool = True) -> 
     from sandbox.problems import load_jsonl, load_problems
 
     if script.dataset == ORGANISM:
-        from routed_grpo.organism import build_organism
+        from routed_grpo.lab.organism import build_organism
 
         paths = build_organism(
             script.organism_dir, seed=script.organism_seed, progress=progress, **(script.organism_settings or {})
@@ -151,9 +153,6 @@ def load_data(script: ExperimentArguments, seed: int, progress: bool = True) -> 
     if script.max_train_problems:
         data.train = data.train[: script.max_train_problems]
     return data
-
-
-ORGANISM_PAIRS = Path(__file__).resolve().parents[1] / "pairs" / "organism"
 
 
 def resolve_pairs(training: RoutedGRPOConfig) -> None:
@@ -277,7 +276,7 @@ def run_experiment(script: ExperimentArguments, training: RoutedGRPOConfig, mode
     """Build everything for one arm, train, and write the run directory; returns the trainer."""
     from accelerate import PartialState
 
-    from routed_grpo.evaluation import generation_settings
+    from routed_grpo.lab.evaluation import generation_settings
     from sandbox.problems import write_jsonl
 
     check_arm(script, training, model_args)

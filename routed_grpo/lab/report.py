@@ -5,7 +5,7 @@ pooled row per arm when an arm has several seeds (counts summed, Wilson interval
 routing mass (mean share of rollouts that reached the quarantine, `routing/qmass`, and of the gradient norm,
 `routing/qmass_grad`), the final training reward (mean of the last five logged steps), and PNG plots (matplotlib,
 Agg backend) of the measured held-out strict hack rate and solve rate over training per arm (deployed solid, full
-dashed). Does not cover: producing the numbers (routed_grpo.evaluation, routed_grpo.experiment).
+dashed). Does not cover: producing the numbers (routed_grpo.lab.evaluation, routed_grpo.lab.experiment).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from routed_grpo.evaluation import EVAL_FILE, atomic_write_text, rate, read_run_config
+from routed_grpo.lab.evaluation import EVAL_FILE, rate, read_run_config
+from routed_grpo.utils import atomic_write_text
 
 ARM_ORDER = ("baseline", "placebo", "routed")
 ARM_COLOURS = {"baseline": "tab:red", "placebo": "tab:grey", "routed": "tab:blue"}

@@ -13,12 +13,12 @@ Does not cover: the YAML format and its validation (`routed_grpo.pairs`), activa
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import yaml
 
+from routed_grpo.utils import atomic_write_text
 from sandbox import organism_problems as op
 from sandbox import prompts
 from sandbox.problems import problem_from_record
@@ -82,8 +82,4 @@ def write_pairs_yaml(path: str | Path, n: int = 24, seed: int = 0) -> Path:
         "pairs": organism_pairs(n, seed),
     }
     text = HEADER + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=200)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)

@@ -30,6 +30,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from routed_grpo.utils import encode_rollout, progress_bar
 from sandbox import organism_problems as op
 from sandbox import prompts
 from sandbox.problems import problem_from_record
@@ -190,13 +191,6 @@ def make_model(cfg: OrganismConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen2
     return model
 
 
-def encode_example(tokenizer: PreTrainedTokenizerFast, prompt: list[dict], completion: str) -> tuple[list[int], int]:
-    """Token ids as GRPO sees them (templated prompt, then completion + eos) and the prompt length."""
-    p_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return list(p_ids) + c_ids, len(p_ids)
-
-
 def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id)
@@ -211,7 +205,7 @@ def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Te
 
 def supervised_warm_start(model, tokenizer, examples, cfg: OrganismConfig, progress: bool = False) -> list[float]:
     """AdamW on completion tokens; returns the loss of every step."""
-    rows = [encode_example(tokenizer, p, c) for p, c in examples]
+    rows = [encode_rollout(tokenizer, p, c) for p, c in examples]
     n_steps = max(1, math.ceil(len(rows) * cfg.sft_epochs / cfg.sft_batch_size))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, n_steps // 20)
@@ -222,7 +216,7 @@ def supervised_warm_start(model, tokenizer, examples, cfg: OrganismConfig, progr
     order: list[int] = []
     losses = []
     model.train()
-    bar = _progress(n_steps, "organism warm start", progress)
+    bar = progress_bar(n_steps, "organism warm start", progress, leave=True)
     for _ in range(n_steps):
         if len(order) < cfg.sft_batch_size:
             order += torch.randperm(len(rows), generator=gen).tolist()
@@ -241,14 +235,6 @@ def supervised_warm_start(model, tokenizer, examples, cfg: OrganismConfig, progr
         bar.close()
     model.eval()
     return losses
-
-
-def _progress(total: int, desc: str, on: bool):
-    if not on:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc)
 
 
 def _paths(root: Path, built: bool) -> OrganismPaths:

@@ -9,15 +9,13 @@ intervals, and the `eval.json` record written atomically. During training: `Metr
 
 Measurement only: nothing here feeds a reward, a gate or a loss. For the baseline arm nothing is routed, so its
 deployed model is the full model; both modes are still reported and `deployed_is_full` says so.
-Does not cover: training (routed_grpo.experiment), comparison across runs (routed_grpo.report).
+Does not cover: training (routed_grpo.lab.experiment), comparison across runs (routed_grpo.lab.report).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import yaml
 from transformers import TrainerCallback
 
 from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter
+from routed_grpo.utils import atomic_write_text, batched, encode_prompt, progress_bar
 from sandbox.labels import LABEL_KEYS, Labels, label_many
 from sandbox.problems import Problem, load_jsonl
 from sandbox.prompts import build_prompt
@@ -56,21 +55,6 @@ def rates(labels: Sequence[Labels]) -> dict[str, dict[str, float]]:
     return {key: rate(sum(bool(getattr(lab, key)) for lab in labels), len(labels)) for key in LABEL_KEYS}
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same directory and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 @torch.no_grad()
 def generate_completions(
     adapter: RoutedAdapter,
@@ -93,14 +77,13 @@ def generate_completions(
     model.eval()
     tokenizer.padding_side = "left"
     out: list[str] = []
-    bar = _bar(len(prompts), f"sampling ({mode})", progress)
+    bar = progress_bar(len(prompts), f"sampling ({mode})", progress)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), adapter.sampling_mode(mode):
             torch.manual_seed(seed)
-            for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start : start + batch_size]
-                texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chunk]
-                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            for chunk in batched(prompts, batch_size):
+                ids = [encode_prompt(tokenizer, p) for p in chunk]  # as TRL tokenises the training prompts
+                enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)  # left padding
                 ids = model.generate(
                     **enc,
                     do_sample=True,
@@ -117,14 +100,6 @@ def generate_completions(
         if bar is not None:
             bar.close()
     return out
-
-
-def _bar(total: int, desc: str, on: bool):
-    if not on:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)
 
 
 def measure_rates(
