@@ -6,7 +6,7 @@ from trl import GRPOConfig
 
 from routed_grpo.adapter import DEFAULT_TARGETS
 
-ROUTING_CHOICES = ("vact", "placebo", "none")
+ROUTING_CHOICES = ("vact", "placebo", "none", "diagnostic")
 
 
 @dataclass
@@ -22,8 +22,10 @@ class RoutedGRPOConfig(GRPOConfig):
     Parameters:
         routing (`str`, *optional*, defaults to `"vact"`):
             Gate direction: `"vact"` (from `vact_path` or extracted from `vact_pairs_path` at start), `"placebo"`
-            (a Haar-random direction with the same shapes, seeded by `placebo_seed`), or `"none"` (no gate, no
-            masks: the trainer behaves as stock `GRPOTrainer` with the two-block adapter).
+            (a Haar-random direction with the same shapes, seeded by `placebo_seed`), `"none"` (no gate, no
+            masks: the trainer behaves as stock `GRPOTrainer` with the two-block adapter), or `"diagnostic"`
+            (reserved for the DIAGNOSTIC upper-bound trainers of `routed_grpo.lab.diagnostic`, which read labels;
+            `RoutedGRPOTrainer` itself refuses it).
         vact_path (`str`, *optional*):
             A `v_act` file written by `routed-grpo pairs extract`, made for the same model and adapter.
         vact_pairs_path (`str`, *optional*):
@@ -40,10 +42,15 @@ class RoutedGRPOConfig(GRPOConfig):
             Capacity (rollouts) of the run-spanning buffer of pooled activations.
         gen_deploy_frac (`float`, *optional*, defaults to `0.0`):
             Fraction of rollouts sampled in `deploy` mode (quarantine ablated). 0 is the recommended research
-            setting. Whenever the mask's forward mode differs from the sampling mode, `rho` compares two policies:
-            full-sampled keep rows (any frac < 1) get `ablated/full`, which the clip bounds; deploy-sampled absorb
-            and route rows (`0 < frac`) get `full/ablated`, which the one-sided clip does not bound for negative
-            advantages. Both are logged per zone (`routing/rho_max/<zone>`).
+            setting. Whenever the mask's forward mode differs from the sampling mode ("mismatched rows"), `rho`
+            compares two policies: full-sampled keep rows (any frac < 1) get `ablated/full`, deploy-sampled absorb
+            and route rows (`0 < frac`) get `full/ablated`. Neither is bounded by the one-sided clip for negative
+            advantages (measured on the organism: `routing/rho_max/keep` above 1,000). Both are logged per zone
+            (`routing/rho_max/<zone>`); `mismatch_ratio_cap` bounds them.
+        mismatch_ratio_cap (`float`, *optional*):
+            Truncate `rho` at this value on mismatched rows only (matched rows are untouched): their behaviour
+            log-probs become `max(logp_old, logp - log(cap))`, so the ratio is `min(rho, cap)` and the gradient
+            keeps its direction. None: no bound.
         adapter_rank (`int`, *optional*, defaults to `8`):
             Rank of each block (the deployed and the quarantine block each have this rank).
         adapter_alpha (`float`, *optional*):
@@ -68,6 +75,9 @@ class RoutedGRPOConfig(GRPOConfig):
     gen_deploy_frac: float = field(
         default=0.0, metadata={"help": "Fraction of rollouts sampled with the quarantine ablated, in [0, 1]."}
     )
+    mismatch_ratio_cap: float | None = field(
+        default=None, metadata={"help": "Truncate rho at this value on mismatched rows only (None: no bound)."}
+    )
     adapter_rank: int = field(default=8, metadata={"help": "Rank of each adapter block."})
     adapter_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha of each block (default: rank)."})
     adapter_targets: list[str] = field(
@@ -89,6 +99,8 @@ class RoutedGRPOConfig(GRPOConfig):
             raise ValueError(f"gen_deploy_frac must be in [0, 1], got gen_deploy_frac={self.gen_deploy_frac}")
         if not 0.0 < self.route_tail_q < 0.5:
             raise ValueError(f"route_tail_q must be in (0, 0.5), got route_tail_q={self.route_tail_q}")
+        if self.mismatch_ratio_cap is not None and not self.mismatch_ratio_cap > 1.0:
+            raise ValueError(f"mismatch_ratio_cap must be > 1 or None, got {self.mismatch_ratio_cap}")
         if self.act_buffer_size < 1:
             raise ValueError(f"act_buffer_size must be >= 1, got act_buffer_size={self.act_buffer_size}")
         if self.adapter_rank < 1:

@@ -6,10 +6,12 @@ so a test can check the trainer's loss against a hand-written reference.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from routed_grpo.gate import ZONE_NAMES
+from routed_grpo.gate import KEEP, ZONE_NAMES
 
 
 def draw_sampling_modes(n: int, gen_deploy_frac: float, generator: torch.Generator) -> Tensor:
@@ -28,6 +30,30 @@ def per_row_rho(logps: Tensor, old_logps: Tensor, completion_mask: Tensor) -> tu
     mean = (rho * mask).sum(1) / mask.sum(1).clamp_min(1)
     peak = rho.masked_fill(~mask, float("-inf")).max(1).values
     return mean, peak
+
+
+def mismatched_rows(zones: Tensor, sampling_full: Tensor) -> Tensor:
+    """(B,) bool: rows whose training forward mode differs from their sampling mode.
+
+    keep rows train in deploy mode, absorb and route rows in full mode; `sampling_full` (B,) is True for rows
+    sampled in full mode. These are the rows where `rho` compares two different policies.
+    """
+    return (zones != KEEP) != sampling_full.bool()
+
+
+def cap_mismatched_ratio(logps: Tensor, old_logps: Tensor, rows: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    """Behaviour log-probs that truncate `rho = exp(logp - logp_old)` at `cap` on `rows` only.
+
+    On `rows`, `logp_old' = max(logp_old, logp - log(cap))`, so `exp(logp - logp_old') = min(rho, cap)` while the
+    gradient keeps the direction of `grad logp` (a truncated importance weight, as in V-trace), scaled by the capped
+    ratio. Other rows are returned bit-identical. logps, old_logps (B, T); rows (B,) bool. Also returns the (B, T)
+    bool mask of capped tokens.
+    """
+    if cap <= 1.0:
+        raise ValueError(f"the ratio cap must be > 1, got {cap}")
+    floor = logps.detach() - math.log(cap)
+    capped = rows.unsqueeze(1) & (floor > old_logps)  # (B, T)
+    return torch.where(capped, floor, old_logps), capped
 
 
 def rho_by_zone(row_mean: Tensor, row_max: Tensor, zones: Tensor) -> dict[str, float]:

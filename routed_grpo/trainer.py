@@ -19,10 +19,12 @@ from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_rout
 from routed_grpo.config import RoutedGRPOConfig
 from routed_grpo.gate import Gate
 from routed_grpo.loss import (
+    cap_mismatched_ratio,
     draw_sampling_modes,
     first_nonfinite_zone,
     grad_norm,
     grad_qmass,
+    mismatched_rows,
     per_row_rho,
     rho_by_zone,
 )
@@ -53,6 +55,10 @@ class RoutedGRPOTrainer(GRPOTrainer):
       active. Adapter blocks get no weight decay, and a block parameter with an exactly zero gradient gets no
       optimizer step (no momentum drift): no gradient means no change.
     - Rejected with routing on: tools / environment_factory / rollout_func, FSDP and ZeRO-3 (untested).
+    - `mismatch_ratio_cap` truncates `rho` on rows whose training mode differs from their sampling mode.
+    The zones come from `_decide_zones(acts, output)`, which calls the gate and nothing else. Only the DIAGNOSTIC
+    upper-bound trainers of `routed_grpo.lab.diagnostic` override it (`routing="diagnostic"`, which this class
+    refuses), so the method's arms (`vact`, `placebo`) have no path to labels.
     Inherited unchanged: data loading, reward computation, advantages, the clipped surrogate and its aggregation,
     generation itself, logging, evaluation. With `routing="none"` the trainer is stock GRPO with the adapter.
     An optional `measure_fn(prompts, completions, **columns) -> {"hack_strict": [...]}` is called after the gate
@@ -60,10 +66,16 @@ class RoutedGRPOTrainer(GRPOTrainer):
     """
 
     _tag_names = ["trl", "grpo", "routed-grpo"]
+    _diagnostic = False  # True only in routed_grpo.lab.diagnostic's label-reading subclasses
 
     def __init__(self, model, reward_funcs, args: RoutedGRPOConfig, *pos, measure_fn: MeasureFn | None = None, **kw):
         if not isinstance(args, RoutedGRPOConfig):
             raise TypeError(f"args must be a RoutedGRPOConfig, got {type(args).__name__}")
+        if args.routing == "diagnostic" and not self._diagnostic:
+            raise ValueError(
+                "routing='diagnostic' is reserved for the DIAGNOSTIC trainers of routed_grpo.lab.diagnostic; "
+                "RoutedGRPOTrainer routes by 'vact' or 'placebo'"
+            )
         if kw.get("peft_config") is not None:
             raise ValueError("peft_config is not accepted: RoutedGRPOTrainer attaches its own two-block adapter")
         self.adapter = _routed_adapter(model, args)
@@ -74,6 +86,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self._sampling_full: torch.Tensor | None = None  # (B,) of the last generation
         self._stash_logps = False
         self._loss_logps: torch.Tensor | None = None
+        self._loss_inputs: dict[str, Any] | None = None
         self._last_refresh = 0
         self.gate = None
         if args.routing != "none":
@@ -205,7 +218,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
         pool_mask = torch.cat([torch.zeros_like(prompt_mask), pool_tokens], dim=1)  # completion tokens only
         logps, acts = self._behaviour_forward(input_ids, attention_mask, completion_mask.size(1), full, pool_mask)
         t2 = time.perf_counter()
-        decision = self.gate.step(acts)
+        decision = self._decide_zones(acts, output)
         t3 = time.perf_counter()
         output["old_per_token_logps"] = logps  # the behaviour policy: rho = exp(logp - logp_old)
         output["routing_m"], output["routing_d"] = decision.m.to(device), decision.d.to(device)
@@ -214,6 +227,10 @@ class RoutedGRPOTrainer(GRPOTrainer):
         if self.measure_fn is not None:
             self._log_measurements(inputs, output, decision.scores)
         return output
+
+    def _decide_zones(self, acts: torch.Tensor, output: dict[str, Any]):
+        """Zones and masks of this process's rollouts: the label-free gate on pooled activations (N, M, r)."""
+        return self.gate.step(acts)
 
     def _log_gate(self, decision, full, seconds: dict[str, float]) -> None:
         metrics = self._metrics["train"]
@@ -251,17 +268,31 @@ class RoutedGRPOTrainer(GRPOTrainer):
         out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         if self._stash_logps:
             self._loss_logps = out[0].detach()
+            if self.args.mismatch_ratio_cap is not None:
+                self._cap_mismatched(self._loss_inputs, self._loss_logps)
         return out
+
+    def _cap_mismatched(self, inputs: dict[str, Any], logps: torch.Tensor) -> None:
+        """Replace the loss's behaviour log-probs so that `rho <= mismatch_ratio_cap` on mismatched rows.
+
+        TRL's `_compute_loss` reads `old_per_token_logps` after this forward, from the (copied) batch dict."""
+        rows = mismatched_rows(inputs["routing_zone"], inputs["sampling_full"])
+        old, capped = cap_mismatched_ratio(logps, inputs["old_per_token_logps"], rows, self.args.mismatch_ratio_cap)
+        inputs["old_per_token_logps"] = old
+        tokens = (inputs["completion_mask"].bool() & rows.unsqueeze(1)).sum()
+        frac = (capped & inputs["completion_mask"].bool()).sum() / tokens.clamp_min(1)
+        self._metrics["train"]["routing/rho_capped_frac"].append(self.accelerator.gather(frac).mean().item())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "routing_m" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self.adapter.set_row_masks(inputs["routing_m"], inputs["routing_d"])  # cleared in training_step
         self._stash_logps = True
+        self._loss_inputs = dict(inputs)  # a copy: a capped logp_old must not reach TRL's buffered batch
         try:
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = super().compute_loss(model, self._loss_inputs, return_outputs, num_items_in_batch)
         finally:
-            self._stash_logps = False
+            self._stash_logps, self._loss_inputs = False, None
         row_mean, row_max = per_row_rho(self._loss_logps, inputs["old_per_token_logps"], inputs["completion_mask"])
         zones = inputs["routing_zone"]
         bad_zone = first_nonfinite_zone(row_mean, row_max, zones)
