@@ -31,6 +31,10 @@ class RoutedGRPOConfig(GRPOConfig):
         vact_pairs_path (`str`, *optional*):
             Pairs file or directory; `v_act` is extracted from it with the current adapter at start (when no
             `vact_path` is given) and at every refresh.
+        vact_pairs_tags (`list[str]`, *optional*):
+            Keep only pairs with any of these tags (e.g. `mode:overwrite_tests`) when extracting from the pairs.
+        vact_pairs_exclude_tags (`list[str]`, *optional*):
+            Drop pairs with any of these tags (hold a hack mode out of the direction).
         vact_refresh_steps (`int`, *optional*, defaults to `0`):
             Re-extract `v_act` from the pairs every this many optimizer steps (0 = never). The buffer is re-scored,
             not flushed.
@@ -67,6 +71,10 @@ class RoutedGRPOConfig(GRPOConfig):
     vact_path: str | None = field(default=None, metadata={"help": "v_act file from `routed-grpo pairs extract`."})
     vact_pairs_path: str | None = field(
         default=None, metadata={"help": "Pairs to extract v_act from at start and at each refresh."}
+    )
+    vact_pairs_tags: list[str] | None = field(default=None, metadata={"help": "Keep pairs with any of these tags."})
+    vact_pairs_exclude_tags: list[str] | None = field(
+        default=None, metadata={"help": "Drop pairs with any of these tags."}
     )
     vact_refresh_steps: int = field(default=0, metadata={"help": "Re-extract v_act every N steps (0 = never)."})
     placebo_seed: int = field(default=0, metadata={"help": "Seed of the Haar-random placebo direction."})

@@ -17,7 +17,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_routed_adapter
 from routed_grpo.config import RoutedGRPOConfig
-from routed_grpo.gate import Gate
+from routed_grpo.gate import ROUTE, Gate
 from routed_grpo.loss import (
     cap_mismatched_ratio,
     draw_sampling_modes,
@@ -117,7 +117,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
     # ---- v_act ----------------------------------------------------------------------------------------------------
     def _extract_vact(self) -> torch.Tensor:
         """Extract on every rank, then take rank 0's, so the gate is identical everywhere even if kernels are not."""
-        pairs = load_pairs(self.args.vact_pairs_path)
+        args = self.args
+        pairs = load_pairs(args.vact_pairs_path, tags=args.vact_pairs_tags, exclude_tags=args.vact_pairs_exclude_tags)
         vact = extract_vact(self.adapter, self.processing_class, pairs, mode=self.args.vact_sampling_mode)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             vact = vact.to(self.accelerator.device)
@@ -225,7 +226,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
         output["routing_zone"], output["sampling_full"] = decision.zones.to(device), full.float()
         self._log_gate(decision, full, {"generate_and_score": t1 - t0, "behaviour_forward": t2 - t1, "gate": t3 - t2})
         if self.measure_fn is not None:
-            self._log_measurements(inputs, output, decision.scores)
+            self._log_measurements(inputs, output, decision)
         return output
 
     def _decide_zones(self, acts: torch.Tensor, output: dict[str, Any]):
@@ -247,21 +248,33 @@ class RoutedGRPOTrainer(GRPOTrainer):
         for key, value in seconds.items():
             metrics[f"timing/{key}"].append(value)
 
-    def _log_measurements(self, inputs, output, scores: torch.Tensor) -> None:
-        """Measurement only: labels from `measure_fn` are logged as the AUROC of the score, never used to route."""
+    def _rollouts(self, inputs, output) -> tuple[list, list, dict[str, list]]:
+        """(prompts, completions, dataset columns) of this process's rollouts, as TRL passes them to rewards."""
         prompts = [x["prompt"] for x in inputs]
         texts = self.processing_class.batch_decode(output["completion_ids"], skip_special_tokens=True)
         conversational = isinstance(prompts[0], list)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion")}
+        return prompts, completions, columns
+
+    def _log_measurements(self, inputs, output, decision) -> None:
+        """Measurement only: labels from `measure_fn` are logged with the AUROC of the score and the precision and
+        recall of the route zone for each label; called after the gate has decided, never used to route."""
+        prompts, completions, columns = self._rollouts(inputs, output)
         labels = self.measure_fn(prompts=prompts, completions=completions, **columns)
-        all_scores = self.accelerator.gather(scores.float())
+        all_scores = self.accelerator.gather(decision.scores.float()).cpu()
+        routed = self.accelerator.gather(decision.zones).cpu() == ROUTE
+        metrics = self._metrics["train"]
         for key, values in labels.items():
-            y = self.accelerator.gather(torch.tensor(values, dtype=torch.float32, device=scores.device))
-            self._metrics["train"][f"measure/{key}"].append(y.mean().item())
-            pos, neg = all_scores[y > 0.5], all_scores[y <= 0.5]
-            if pos.numel() and neg.numel():
-                self._metrics["train"][f"measure/auroc_{key}"].append(auroc(pos.cpu(), neg.cpu()))
+            y = self.accelerator.gather(torch.tensor(values, dtype=torch.float32, device=decision.scores.device))
+            y = y.cpu() > 0.5
+            metrics[f"measure/{key}"].append(y.float().mean().item())
+            if y.any() and (~y).any():
+                metrics[f"measure/auroc_{key}"].append(auroc(all_scores[y], all_scores[~y]))
+            if routed.any():
+                metrics[f"measure/precision_at_route_{key}"].append((routed & y).sum().item() / routed.sum().item())
+            if y.any():
+                metrics[f"measure/recall_at_route_{key}"].append((routed & y).sum().item() / y.sum().item())
 
     # ---- loss: masks during the grad-carrying forward -------------------------------------------------------------
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):

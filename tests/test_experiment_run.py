@@ -1,5 +1,6 @@
-"""End to end on a tiny organism: each arm trains 2 steps from its real recipe and writes the run directory;
-eval and compare run on the three runs; the baseline is TRL's stock GRPOTrainer; exports load in stock PEFT."""
+"""End to end on a tiny organism: each arm (also the DIAGNOSTIC labels and oracle_direction arms) trains 2 steps from
+its real recipe and writes the run directory; eval and the report run on all runs; the baseline is TRL's stock
+GRPOTrainer; exports load in stock PEFT."""
 
 import contextlib
 import json
@@ -14,13 +15,14 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOTrainer
 
 from routed_grpo.adapter import RoutedAdapter, attach_routed_adapter
+from routed_grpo.lab.diagnostic import ORACLE_FILE, LabelRoutedGRPOTrainer, OracleDirectionGRPOTrainer
 from routed_grpo.lab.evaluation import evaluate_run
 from routed_grpo.lab.experiment import export_full_as_lora, parse_recipe, run_experiment
-from routed_grpo.lab.report import compare_runs
+from routed_grpo.lab.report import write_report
 from routed_grpo.trainer import RoutedGRPOTrainer
 from routed_grpo.vact import load_vact
 
-ARMS = ("baseline", "routed", "placebo")
+ARMS = ("baseline", "routed", "placebo", "labels", "oracle_direction")
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "organism"
 TINY_ORGANISM = {  # shrunk so that the build takes seconds: 1 layer, hidden 32, 64 SFT examples
     "hidden_size": 32,
@@ -36,7 +38,8 @@ TINY_ORGANISM = {  # shrunk so that the build takes seconds: 1 layer, hidden 32,
 
 
 def tiny_argv(arm: str, out, organism_dir) -> list[str]:
-    return [
+    extra = ["--oracle_rollouts", str(out / "oracle_source")] if arm == "oracle_direction" else []
+    return extra + [
         "--config",
         str(RECIPES / f"{arm}.yaml"),
         "--output_dir",
@@ -78,8 +81,20 @@ def runs(tmp_path_factory):
     organism_dir = tmp_path_factory.mktemp("organism")
     trainers = {}
     for arm in ARMS:
+        if arm == "oracle_direction":
+            _synthetic_oracle_source(out)
         trainers[arm] = run_experiment(*parse_recipe(tiny_argv(arm, out, organism_dir)))
     return out, trainers
+
+
+def _synthetic_oracle_source(out):
+    """The baseline's saved rollouts with alternating strict-hack labels: a 2-step tiny run rarely hacks, and this
+    test is about the plumbing (the fit itself is tested in test_diagnostic_arms.py)."""
+    rows = [json.loads(line) for line in (out / "baseline" / "rollouts.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["labels"]["hack_strict"] = float(i % 2)
+    (out / "oracle_source").mkdir()
+    (out / "oracle_source" / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_baseline_is_stock_grpo_trainer_and_arms_use_their_trainer(runs):
@@ -87,12 +102,15 @@ def test_baseline_is_stock_grpo_trainer_and_arms_use_their_trainer(runs):
     assert type(trainers["baseline"]) is GRPOTrainer
     assert type(trainers["routed"]) is RoutedGRPOTrainer and trainers["routed"].args.routing == "vact"
     assert type(trainers["placebo"]) is RoutedGRPOTrainer and trainers["placebo"].args.routing == "placebo"
+    assert type(trainers["labels"]) is LabelRoutedGRPOTrainer
+    assert type(trainers["oracle_direction"]) is OracleDirectionGRPOTrainer
+    assert {trainers[a].args.routing for a in ("labels", "oracle_direction")} == {"diagnostic"}
 
 
 def test_same_adapter_capacity_and_init_in_every_arm(runs):
     _, trainers = runs
     names = {arm: sorted(n for n, _ in t.model.named_parameters() if "lora_" in n) for arm, t in trainers.items()}
-    assert names["baseline"] == names["routed"] == names["placebo"]
+    assert all(names[arm] == names["baseline"] for arm in ARMS)
     assert any(".quarantine." in n for n in names["baseline"])
 
 
@@ -114,7 +132,16 @@ def test_run_directory_contents(runs):
             "heldout.jsonl",
         ):
             assert (run / path).exists(), f"{arm}: {path} missing"
-        assert (run / "vact.safetensors").exists() == (arm != "baseline")
+        assert (run / "vact.safetensors").exists() == (arm in ("routed", "placebo"))
+        assert (run / ORACLE_FILE).exists() == (arm == "oracle_direction")
+        rollouts = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+        assert {r["step"] for r in rollouts} == {0, 1, 2} and all("hack_strict" in r["labels"] for r in rollouts)
+        diagnostic = config.get("diagnostic")
+        assert (diagnostic is not None) == (arm in ("labels", "oracle_direction"))
+        if arm == "labels":
+            assert diagnostic["label_source"] == "measure:hack_strict" and diagnostic["label_recall"] == 1.0
+        if arm == "oracle_direction":
+            assert diagnostic["oracle_rollouts"].endswith("oracle_source")
     routed_records = (out / "routed" / "metrics.jsonl").read_text()
     assert "routing/qmass" in routed_records and "measure/hack_strict" in routed_records
 
@@ -191,11 +218,17 @@ def test_eval_and_compare(runs, tmp_path):
         for mode in ("deploy", "full"):
             r = on_disk["modes"][mode]["hack_strict"]
             assert r["n"] == 4 and r["rate"] == r["k"] / 4 and r["lo"] <= r["rate"] <= r["hi"]
-    table, png = compare_runs([out / a for a in ARMS], tmp_path)
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert [r.split("|")[1].strip() for r in rows[1:]] == ["baseline", "placebo", "routed"]
-    assert png is not None and png.stat().st_size > 1000
-    assert (tmp_path / "comparison.md").read_text().count("| routed |") == 1
+    text, pngs = write_report([out / a for a in ARMS], tmp_path)
+    pooled = text.split("## Deployment evaluation, pooled over seeds")[1].split("##")[0]
+    rows = [line.split("|")[1].strip() for line in pooled.splitlines() if line.startswith("| ")][1:]
+    mark = "(DIAGNOSTIC upper bound)"
+    assert rows == ["baseline", "placebo", "routed", f"oracle_direction {mark}", f"labels {mark}"]
+    assert text.count(mark) >= 5, "every row of a label-reading arm is marked, in every table"
+    assert sorted(p.name for p in pngs) == ["curves.png", "tradeoff.png"] and all(
+        p.stat().st_size > 1000 for p in pngs
+    )
+    assert (tmp_path / "report.md").read_text() == text
+    assert len(json.loads((tmp_path / "report.json").read_text())) == len(ARMS)
 
 
 def test_compare_refuses_unevaluated_run(runs, tmp_path):
@@ -203,7 +236,7 @@ def test_compare_refuses_unevaluated_run(runs, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text((out / "routed" / "config.yaml").read_text())
     with pytest.raises(FileNotFoundError, match="eval.json"):
-        compare_runs([tmp_path / "run"], tmp_path)
+        write_report([tmp_path / "run"], tmp_path)
 
 
 def test_diag_routing_auroc_script_runs_on_a_run(runs):

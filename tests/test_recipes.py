@@ -11,10 +11,22 @@ from routed_grpo.lab.experiment import ARM_ROUTING, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIRS = ("organism", "qwen3_4b")
-ARMS = ("baseline", "routed", "placebo")
+ARMS = {
+    "organism": ("baseline", "routed", "placebo", "labels", "oracle_direction"),
+    "qwen3_4b": ("baseline", "routed", "placebo"),
+}
 # keys allowed to differ between the arms of one recipe directory; everything else must be equal (same data,
-# model, adapter, reward, seed, optimiser)
+# model, adapter, reward, seed, optimiser). The DIAGNOSTIC arms add their label source and knobs.
 ARM_KEYS = {"arm", "routing", "vact_pairs_path", "placebo_seed", "output_dir", "measure_train"}
+DIAGNOSTIC_KEYS = {
+    "label_source",
+    "label_recall",
+    "label_fpr",
+    "label_negative_zone",
+    "label_seed",
+    "oracle_rollouts",
+    "oracle_label",
+}
 
 
 def _argv(recipe_dir: str, arm: str, *extra: str) -> list[str]:
@@ -22,8 +34,7 @@ def _argv(recipe_dir: str, arm: str, *extra: str) -> list[str]:
     return argv + (["--bf16", "false"] if recipe_dir == "qwen3_4b" else [])  # GPU recipe parsed on a CPU machine
 
 
-@pytest.mark.parametrize("recipe_dir", RECIPE_DIRS)
-@pytest.mark.parametrize("arm", ARMS)
+@pytest.mark.parametrize("recipe_dir, arm", [(d, a) for d in RECIPE_DIRS for a in ARMS[d]])
 def test_recipe_parses_and_matches_its_arm(recipe_dir, arm):
     script, training, model_args = parse_recipe(_argv(recipe_dir, arm))
     assert script.arm == arm and training.routing == ARM_ROUTING[arm]
@@ -34,10 +45,14 @@ def test_recipe_parses_and_matches_its_arm(recipe_dir, arm):
 
 @pytest.mark.parametrize("recipe_dir", RECIPE_DIRS)
 def test_arms_of_a_recipe_differ_only_in_arm_keys(recipe_dir):
-    docs = {arm: yaml.safe_load((ROOT / "recipes" / recipe_dir / f"{arm}.yaml").read_text()) for arm in ARMS}
-    keys = set().union(*docs.values()) - ARM_KEYS
+    arms = ARMS[recipe_dir]
+    docs = {arm: yaml.safe_load((ROOT / "recipes" / recipe_dir / f"{arm}.yaml").read_text()) for arm in arms}
+    assert set(docs) == {p.stem for p in (ROOT / "recipes" / recipe_dir).glob("*.yaml")}
+    keys = set().union(*docs.values()) - ARM_KEYS - DIAGNOSTIC_KEYS
+    for arm, doc in docs.items():
+        assert (DIAGNOSTIC_KEYS & set(doc)) == set() or arm in ("labels", "oracle_direction"), arm
     for key in sorted(keys):
-        values = {arm: docs[arm].get(key) for arm in ARMS}
+        values = {arm: docs[arm].get(key) for arm in arms}
         assert len({repr(v) for v in values.values()}) == 1, f"{recipe_dir}: {key} differs between arms: {values}"
 
 

@@ -15,10 +15,9 @@ app.add_typer(pairs_cmd.app, name="pairs", help="Validate (hack, clean) pairs; e
 app.add_typer(organism_cmd.app, name="organism", help="Build the CPU model organism.")
 app.add_typer(experiment_cmd.app, name="experiment", help="Evaluate and compare runs.")
 app.command("demo")(experiment_cmd.demo)
+app.command("study")(experiment_cmd.study)
 app.command("eval", help="Deployment evaluation of a run (same as `experiment eval`).")(experiment_cmd.eval_cmd)
-app.command("compare", help="Compare runs across arms and seeds (same as `experiment compare`).")(
-    experiment_cmd.compare_cmd
-)
+app.command("compare", help="Report across arms and seeds (same as `experiment compare`).")(experiment_cmd.compare_cmd)
 
 if __name__ == "__main__":
     app()

@@ -63,8 +63,9 @@ def _device(name: str) -> str:
     return name
 
 
-def _load_adapter(model_dir: Path, rank: int, alpha: float | None, targets: list[str], init_seed: int,
-                  device: str, dtype: str) -> tuple[Any, Any]:
+def _load_adapter(
+    model_dir: Path, rank: int, alpha: float | None, targets: list[str], init_seed: int, device: str, dtype: str
+) -> tuple[Any, Any]:
     """(adapter, tokenizer) for a local model directory."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -142,16 +143,30 @@ def extract(
     except ValueError as e:
         _fail(str(e))
     metadata = {
-        "kind": "vact", "seed": None, "model_name": str(model), **adapter_metadata(adapter),
-        "pairs_path": str(pairs), "pairs_hash": pairs_hash(pairs), "n_pairs": len(loaded),
-        "tags": tag_list, "exclude_tags": exclude_list, "sampling_mode": mode,
+        "kind": "vact",
+        "seed": None,
+        "model_name": str(model),
+        **adapter_metadata(adapter),
+        "pairs_path": str(pairs),
+        "pairs_hash": pairs_hash(pairs),
+        "n_pairs": len(loaded),
+        "tags": tag_list,
+        "exclude_tags": exclude_list,
+        "sampling_mode": mode,
     }
     save_vact(out, vact, metadata)
     typer.echo(f"wrote {out}: v_act {tuple(vact.shape)} from {len(loaded)} pairs ({mode} mode)")
 
 
-PLACEBO_KEEP = ("model_name", "adapter_rank", "adapter_alpha", "adapter_targets", "init_seed", "module_names",
-                "adapter_fingerprint")
+PLACEBO_KEEP = (
+    "model_name",
+    "adapter_rank",
+    "adapter_alpha",
+    "adapter_targets",
+    "init_seed",
+    "module_names",
+    "adapter_fingerprint",
+)
 
 
 @app.command()
@@ -199,8 +214,15 @@ def score(
     if not isinstance(meta.get("adapter_rank"), int) or not meta.get("adapter_targets"):
         _fail(f"{vact}: metadata lacks adapter_rank / adapter_targets; cannot rebuild its adapter")
     loaded = _load_pairs(pairs, _split(tags), _split(exclude_tags))
-    adapter, tokenizer = _load_adapter(model, meta["adapter_rank"], meta.get("adapter_alpha"),
-                                       list(meta["adapter_targets"]), int(meta.get("init_seed") or 0), device, dtype)
+    adapter, tokenizer = _load_adapter(
+        model,
+        meta["adapter_rank"],
+        meta.get("adapter_alpha"),
+        list(meta["adapter_targets"]),
+        int(meta.get("init_seed") or 0),
+        device,
+        dtype,
+    )
     try:
         check_vact_matches(direction, meta, adapter, source=str(vact))
     except VactError as e:
@@ -212,5 +234,7 @@ def score(
     for p, h, c in zip(loaded, s_hack.tolist(), s_clean.tolist(), strict=True):
         typer.echo(f"{p.id:<{width}}  {h:>10.4f}  {c:>10.4f}  {h - c:>10.4f}")
     wins = int((s_hack > s_clean).sum())
-    typer.echo(f"AUROC hack vs clean: {auroc(s_hack, s_clean):.4f}  "
-               f"(hack > clean in {wins}/{len(loaded)} pairs; {meta.get('kind', 'vact')} {vact.name}, {mode} mode)")
+    typer.echo(
+        f"AUROC hack vs clean: {auroc(s_hack, s_clean):.4f}  "
+        f"(hack > clean in {wins}/{len(loaded)} pairs; {meta.get('kind', 'vact')} {vact.name}, {mode} mode)"
+    )

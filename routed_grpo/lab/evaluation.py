@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import TrainerCallback
 
 from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter
 from routed_grpo.utils import atomic_write_text, batched, encode_prompt, progress_bar
@@ -112,76 +111,18 @@ def measure_rates(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = False,
-) -> tuple[dict[str, dict[str, float]], list[str], list[Labels]]:
-    """Sample on `problems` with the loophole text of `loophole` in `mode`, label, and return the rates."""
+) -> tuple[dict[str, dict[str, float]], list[list[dict]], list[str], list[Labels]]:
+    """Sample on `problems` with the loophole text of `loophole` in `mode` and label: (rates, prompts, completions,
+    labels)."""
     prompts = [build_prompt(p, loophole or None) for p in problems]
     completions = generate_completions(adapter, tokenizer, prompts, mode, gen, seed=seed, progress=progress)
     labels = label_many(problems, completions, [loophole] * len(problems), workers=workers, progress=progress)
-    return rates(labels), completions, labels
+    return rates(labels), prompts, completions, labels
 
 
-# ---- during training -----------------------------------------------------------------------------------------------
 def plain(obj: Any) -> Any:
     """`obj` as plain JSON data (anything else becomes its string)."""
     return json.loads(json.dumps(obj, default=str))
-
-
-class MetricsJSONL(TrainerCallback):
-    """Appends one JSON object per logging step to `metrics.jsonl`: {"step", "arm", <logged keys>}."""
-
-    def __init__(self, path: Path, arm: str):
-        self.path, self.arm = Path(path), arm
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(plain(record)) + "\n")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            self.write({"step": state.global_step, "arm": self.arm, **logs})
-
-
-class HeldoutMeasurement(TrainerCallback):
-    """Every `every` steps (and at steps 0 and the last), measured rates on held-out loophole problems in both
-    sampling modes, appended to metrics.jsonl as `measure/heldout/<mode>/<label>`. Measurement only; the sampling
-    RNG is forked, so training is not perturbed. For the baseline both modes are the full model."""
-
-    def __init__(self, writer: MetricsJSONL, adapter, tokenizer, problems, loophole, gen, every, baseline, workers):
-        self.writer, self.adapter, self.tokenizer = writer, adapter, tokenizer
-        self.problems, self.loophole, self.gen, self.every = problems, loophole, gen, every
-        self.baseline, self.workers = baseline, workers
-
-    def measure(self, state) -> None:
-        if not state.is_world_process_zero:
-            return
-        record: dict[str, Any] = {"step": state.global_step, "arm": self.writer.arm}
-        for mode in ("deploy", "full"):
-            if self.baseline and mode == "deploy":
-                continue
-            rs = measure_rates(
-                self.adapter,
-                self.tokenizer,
-                self.problems,
-                self.loophole,
-                mode,
-                self.gen,
-                seed=state.global_step,
-                workers=self.workers,
-            )[0]
-            for key, r in rs.items():
-                record[f"measure/heldout/{mode}/{key}"] = r["rate"]
-        if self.baseline:  # deployed model == full model
-            record.update({k.replace("/full/", "/deploy/"): v for k, v in list(record.items()) if "/full/" in k})
-        record["measure/heldout/n"] = len(self.problems)
-        self.writer.write(record)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step == 0:
-            self.measure(state)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            self.measure(state)
 
 
 # ---- finished runs --------------------------------------------------------------------------------------------------
@@ -311,15 +252,17 @@ def labelled_rollouts(
     return acts, labels, adapter, config
 
 
-def score_metrics(scores: torch.Tensor, positive: torch.Tensor, route_tail_q: float) -> dict[str, float | None]:
-    """AUROC of `scores` for the boolean label `positive`, and precision / recall of the route zone
-    `s >= q(1 - route_tail_q)` (the quantile over these scores) for that label."""
+def score_metrics(
+    scores: torch.Tensor, positive: torch.Tensor, route_tail_q: float, hi: float | None = None
+) -> dict[str, float | None]:
+    """AUROC of `scores` for the boolean label `positive`, and precision / recall of the route zone `s >= hi` for
+    that label; `hi` defaults to `q(1 - route_tail_q)` over these scores (the gate uses its buffer's quantile)."""
     from routed_grpo.gate import quantile_thresholds
     from routed_grpo.vact import auroc
 
     positive = positive.bool()
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    hi = quantile_thresholds(scores, route_tail_q)[1]
+    hi = quantile_thresholds(scores, route_tail_q)[1] if hi is None else hi
     routed = scores >= hi
     true_pos = int((routed & positive).sum())
     return {

@@ -38,13 +38,25 @@ from trl import GRPOTrainer, ModelConfig, TrlParser
 from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_routed_adapter
 from routed_grpo.config import RoutedGRPOConfig
 from routed_grpo.lab import ORGANISM_PAIRS
-from routed_grpo.lab.evaluation import HeldoutMeasurement, MetricsJSONL, plain
+from routed_grpo.lab.callbacks import HeldoutMeasurement, MetricsJSONL, use_console
+from routed_grpo.lab.evaluation import plain
 from routed_grpo.trainer import RoutedGRPOTrainer
 from routed_grpo.utils import atomic_write_text
 from routed_grpo.vact import adapter_metadata, save_vact
 
 log = logging.getLogger(__name__)
-ARM_ROUTING = {"baseline": "none", "routed": "vact", "placebo": "placebo"}
+ARM_ROUTING = {
+    "baseline": "none",
+    "routed": "vact",
+    "placebo": "placebo",
+    "labels": "diagnostic",  # DIAGNOSTIC upper bound: routes by a label monitor (routed_grpo.lab.diagnostic)
+    "oracle_direction": "diagnostic",  # DIAGNOSTIC upper bound: gate with a direction fit on labelled rollouts
+}
+DIAGNOSTIC_FIELDS = ("label_source", "oracle_rollouts")
+DIAGNOSTIC_KNOBS = {
+    "labels": ("label_source", "label_recall", "label_fpr", "label_negative_zone", "label_seed"),
+    "oracle_direction": ("oracle_rollouts", "oracle_label"),
+}
 ORGANISM = "organism"
 
 
@@ -54,7 +66,8 @@ class ExperimentArguments:
     `RoutedGRPOConfig` and `ModelConfig`). The run directory is the trainer's `output_dir`.
 
     Parameters:
-        arm: `baseline` (stock `GRPOTrainer`), `routed` (routing "vact") or `placebo` (routing "placebo").
+        arm: `baseline` (stock `GRPOTrainer`), `routed` (routing "vact"), `placebo` (routing "placebo"), or one of
+            the DIAGNOSTIC upper bounds that read labels (`labels`, `oracle_direction`; routing "diagnostic").
         dataset: `organism` (built and cached), a JSONL file of problem records, or `hub:newfacade/LeetCodeDataset`.
         heldout: held-out problems (JSONL, or a hub split name); default: the organism's held-out split, the hub's
             `test` split, or a seeded `heldout_frac` of a JSONL file.
@@ -64,6 +77,12 @@ class ExperimentArguments:
         measure_every / measure_n: every this many steps, sample `measure_n` held-out problems (loophole on) in
             both sampling modes and log measured rates (0 = off). Measurement only.
         measure_train: give the routed trainers a measurement labeler (`measure/...` and the score's AUROC).
+        label_source / label_recall / label_fpr / label_negative_zone / label_seed: DIAGNOSTIC `labels` arm only.
+            `label_source` names the label function (`measure:hack_strict`, or `module:function`; no default);
+            a seeded monitor flags true positives with probability `label_recall` and negatives with `label_fpr`;
+            flagged rows are routed, the others go to `label_negative_zone` (`absorb` or `keep`).
+        oracle_rollouts / oracle_label: DIAGNOSTIC `oracle_direction` arm only: a finished run directory (its
+            `rollouts.jsonl`) and the label the direction is fit to.
     """
 
     arm: str = field(default="routed", metadata={"help": "baseline | routed | placebo."})
@@ -83,10 +102,23 @@ class ExperimentArguments:
     sandbox_workers: int = field(default=2, metadata={"help": "Parallel sandbox runs for rewards and labels."})
     compile_reward: float = field(default=0.5, metadata={"help": "Reward for code that compiles."})
     pass_reward: float = field(default=3.0, metadata={"help": "Reward for correct or hinted code."})
+    label_source: str | None = field(default=None, metadata={"help": "DIAGNOSTIC labels arm: label function."})
+    label_recall: float = field(default=1.0, metadata={"help": "DIAGNOSTIC labels arm: simulated monitor recall."})
+    label_fpr: float = field(default=0.0, metadata={"help": "DIAGNOSTIC labels arm: simulated false-positive rate."})
+    label_negative_zone: str = field(default="absorb", metadata={"help": "DIAGNOSTIC: zone of unflagged rows."})
+    label_seed: int = field(default=0, metadata={"help": "DIAGNOSTIC labels arm: seed of the simulated monitor."})
+    oracle_rollouts: str | None = field(default=None, metadata={"help": "DIAGNOSTIC: run dir to fit the oracle on."})
+    oracle_label: str = field(default="hack_strict", metadata={"help": "DIAGNOSTIC: label of the oracle direction."})
 
     def __post_init__(self):
         if self.arm not in ARM_ROUTING:
             raise ValueError(f"arm must be one of {tuple(ARM_ROUTING)}, got arm={self.arm!r}")
+        needs = {"labels": "label_source", "oracle_direction": "oracle_rollouts"}.get(self.arm)
+        for name in DIAGNOSTIC_FIELDS:
+            if name == needs and not getattr(self, name):
+                raise ValueError(f"arm={self.arm!r} (DIAGNOSTIC) needs an explicit {name}; there is no default")
+            if name != needs and getattr(self, name):
+                raise ValueError(f"{name}={getattr(self, name)!r} is read only by a DIAGNOSTIC arm, not {self.arm!r}")
         if isinstance(self.organism_settings, str):
             self.organism_settings = json.loads(self.organism_settings)
         if not 0.0 <= self.unhackable_frac <= 1.0:
@@ -217,6 +249,13 @@ def build_trainer(script, training, model, tokenizer, train_dataset, train_probl
         from sandbox.labels import MeasurementLabeler
 
         measure = MeasurementLabeler(train_problems, workers=script.sandbox_workers)
+    if ARM_ROUTING[script.arm] == "diagnostic":
+        from routed_grpo.lab.diagnostic import build_diagnostic_trainer
+
+        trainer = build_diagnostic_trainer(
+            script, training, model, tokenizer, train_dataset, train_problems, reward, measure
+        )
+        return trainer, trainer.adapter
     trainer = RoutedGRPOTrainer(
         model, reward, training, train_dataset=train_dataset, processing_class=tokenizer, measure_fn=measure
     )
@@ -229,13 +268,17 @@ def resolved_config(script, training, model_args) -> dict[str, Any]:
     import transformers
     import trl
 
-    return {
+    out = {
         "arm": script.arm,
         "script": plain(dataclasses.asdict(script)),
         "training": plain(training.to_dict()),
         "model": plain(dataclasses.asdict(model_args)),
         "versions": {m.__name__: str(m.__version__) for m in (torch, trl, transformers, peft)},
     }
+    if ARM_ROUTING[script.arm] == "diagnostic":  # every report marks these rows as upper bounds
+        keys = DIAGNOSTIC_KNOBS[script.arm]
+        out["diagnostic"] = {"upper_bound": True, "reads_labels": True, **{k: getattr(script, k) for k in keys}}
+    return out
 
 
 def export_full_as_lora(adapter: RoutedAdapter, out_dir: Path) -> Path:
@@ -297,27 +340,31 @@ def run_experiment(script: ExperimentArguments, training: RoutedGRPOConfig, mode
     trainer, adapter = build_trainer(script, training, model, tokenizer, train_dataset, data.train)
     writer = MetricsJSONL(run_dir / "metrics.jsonl", script.arm)
     trainer.add_callback(writer)
+    heldout = None
     if script.measure_every:
         config = {"training": plain(training.to_dict())}
-        trainer.add_callback(
-            HeldoutMeasurement(
-                writer,
-                adapter,
-                tokenizer,
-                data.heldout[: script.measure_n],
-                script.loophole_mode,
-                generation_settings(config),
-                script.measure_every,
-                script.arm == "baseline",
-                script.sandbox_workers,
-            )
+        gate = getattr(trainer, "gate", None) if script.arm in ("routed", "placebo", "oracle_direction") else None
+        heldout = HeldoutMeasurement(
+            writer,
+            adapter,
+            tokenizer,
+            data.heldout[: script.measure_n],
+            script.loophole_mode,
+            generation_settings(config),
+            script.measure_every,
+            script.arm == "baseline",
+            script.sandbox_workers,
+            gate=gate,
+            route_tail_q=training.route_tail_q,
         )
+        trainer.add_callback(heldout)
+    use_console(trainer, f"{script.arm} seed {training.seed}", heldout, bar=not training.disable_tqdm)
     if state.is_main_process:
         if not training.resume_from_checkpoint:  # a fresh run: no metrics or evaluation of an earlier one
-            for stale in ("metrics.jsonl", "eval.json"):
+            for stale in ("metrics.jsonl", "rollouts.jsonl", "eval.json"):
                 (run_dir / stale).unlink(missing_ok=True)
         write_jsonl(data.heldout, run_dir / "heldout.jsonl")
-        if getattr(trainer, "gate", None) is not None:
+        if training.routing in ("vact", "placebo"):
             meta = {
                 **adapter_metadata(adapter),
                 "kind": training.routing,

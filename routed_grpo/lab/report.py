@@ -1,11 +1,16 @@
-"""Comparison of finished runs across arms and seeds: a markdown table with intervals and training-curve plots.
+"""The report of finished runs across arms and seeds: markdown tables with 95% intervals, JSON, and PNG plots.
 
-Covers: reading each run directory (`config.yaml`, `eval.json`, `metrics.jsonl`), one table row per run and one
-pooled row per arm when an arm has several seeds (counts summed, Wilson interval of the pooled proportion),
-routing mass (mean share of rollouts that reached the quarantine, `routing/qmass`, and of the gradient norm,
-`routing/qmass_grad`), the final training reward (mean of the last five logged steps), and PNG plots (matplotlib,
-Agg backend) of the measured held-out strict hack rate and solve rate over training per arm (deployed solid, full
-dashed). Does not cover: producing the numbers (routed_grpo.lab.evaluation, routed_grpo.lab.experiment).
+Covers: reading each run directory (`config.yaml`, `eval.json`, `metrics.jsonl`, and `study.json` for the arm's
+name in a study), one summary per run, and `write_report`, which writes
+- `report.md`: per arm pooled over seeds (Wilson interval of the pooled proportion, each seed's value beside it):
+  deployed and full strict hack, deployed attempted hack, deployed "defines run_tests", deployed and full solve,
+  deployed compile rate, routing mass (rollouts and gradient) and the final reward; per run the same numbers; for
+  arms with a direction (routed, placebo, oracle_direction and their variants) the routing score's AUROC against
+  strict hack on training rollouts and on held-out rollouts, and precision and recall at the route threshold.
+  Rows of the label-reading arms are marked DIAGNOSTIC (upper bound) wherever they appear;
+- `report.json`: the same numbers as data;
+- `curves.png` and `tradeoff.png` (routed_grpo.lab.plots).
+Does not cover: producing the numbers (routed_grpo.lab.evaluation, routed_grpo.lab.experiment).
 """
 
 from __future__ import annotations
@@ -18,12 +23,29 @@ from typing import Any
 from routed_grpo.lab.evaluation import EVAL_FILE, rate, read_run_config
 from routed_grpo.utils import atomic_write_text
 
-ARM_ORDER = ("baseline", "placebo", "routed")
-ARM_COLOURS = {"baseline": "tab:red", "placebo": "tab:grey", "routed": "tab:blue"}
+ARM_ORDER = ("baseline", "placebo", "routed", "oracle_direction", "labels")
+DIAGNOSTIC_MARK = " (DIAGNOSTIC upper bound)"
+RATES = (  # column, mode, label
+    ("deployed hack", "deploy", "hack_strict"),
+    ("full hack", "full", "hack_strict"),
+    ("deployed attempted", "deploy", "hack_attempted"),
+    ("deployed defines run_tests", "deploy", "defines_run_tests"),
+    ("deployed solve", "deploy", "correct"),
+    ("full solve", "full", "correct"),
+    ("deployed compiles", "deploy", "compiled"),
+)
+DIRECTION = (  # column, metrics key (mean over training), held-out key (mean over measurements)
+    ("AUROC train", "measure/auroc_hack_strict"),
+    ("AUROC held-out", "measure/heldout/full/routing_auroc_hack_strict"),
+    ("precision@route train", "measure/precision_at_route_hack_strict"),
+    ("recall@route train", "measure/recall_at_route_hack_strict"),
+    ("precision@route held-out", "measure/heldout/full/routing_precision_at_route_hack_strict"),
+    ("recall@route held-out", "measure/heldout/full/routing_recall_at_route_hack_strict"),
+)
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
     if not path.is_file():
         return []
     out = []
@@ -37,27 +59,36 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def _mean(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
 
 def summarise_run(run_dir: str | Path) -> dict[str, Any]:
-    """The numbers of one run that the comparison needs."""
+    """The numbers of one finished and evaluated run."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     eval_path = run_dir / EVAL_FILE
     if not eval_path.is_file():
-        raise FileNotFoundError(f"{eval_path}: missing; run `routed-grpo experiment eval {run_dir}` first")
-    metrics = read_metrics(run_dir)
+        raise FileNotFoundError(f"{eval_path}: missing; run `routed-grpo eval {run_dir}` first")
+    study = json.loads((run_dir / "study.json").read_text()) if (run_dir / "study.json").is_file() else {}
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     rewards = [m["reward"] for m in metrics if "reward" in m]
+    step_times = sorted(m["step_time"] for m in metrics if "step_time" in m)
+    routed = config["arm"] != "baseline"
     return {
         "run_dir": str(run_dir),
-        "arm": config["arm"],
+        "arm": study.get("spec", {}).get("name", config["arm"]),
+        "base_arm": config["arm"],
+        "diagnostic": config.get("diagnostic"),
         "seed": config["training"]["seed"],
         "eval": json.loads(eval_path.read_text()),
-        "qmass": _mean([m["routing/qmass"] for m in metrics if "routing/qmass" in m]),
-        "qmass_grad": _mean([m["routing/qmass_grad"] for m in metrics if "routing/qmass_grad" in m]),
+        "qmass": _mean([m.get("routing/qmass") for m in metrics]) if routed else None,
+        "qmass_grad": _mean([m.get("routing/qmass_grad") for m in metrics]) if routed else None,
         "final_reward": _mean(rewards[-5:]),
-        "curves": [m for m in metrics if any(k.startswith("measure/heldout/") for k in m)],
+        "step_time_median": step_times[len(step_times) // 2] if step_times else None,
+        "direction": {key: _mean([m.get(key) for m in metrics]) for _, key in DIRECTION},
+        "curves": [m for m in metrics if "measure/heldout/n" in m],
+        "train_seconds": study.get("train_seconds"),
     }
 
 
@@ -69,105 +100,120 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def _pooled(rows: Sequence[dict[str, Any]], mode: str, key: str) -> dict[str, float]:
-    k = sum(r["eval"]["modes"][mode][key]["k"] for r in rows)
-    n = sum(r["eval"]["modes"][mode][key]["n"] for r in rows)
-    return rate(k, n)
+def _arm_key(name: str) -> tuple[int, str]:
+    base = name.split("@")[0]
+    return (ARM_ORDER.index(base) if base in ARM_ORDER else len(ARM_ORDER), name)
 
 
-COLUMNS = (
-    ("deployed hack", "deploy", "hack_strict"),
-    ("full hack", "full", "hack_strict"),
-    ("deployed solve", "deploy", "correct"),
-    ("full solve", "full", "correct"),
-    ("deployed attempted", "deploy", "hack_attempted"),
-    ("deployed defines run_tests", "deploy", "defines_run_tests"),
-)
+def _title(rows: Sequence[dict[str, Any]]) -> str:
+    return rows[0]["arm"] + (DIAGNOSTIC_MARK if rows[0]["diagnostic"] else "")
 
 
-def comparison_table(summaries: Sequence[dict[str, Any]]) -> str:
-    """Markdown: a row per run, then a pooled row per arm with several seeds; 95% Wilson intervals."""
-    head = (
-        ["arm", "seed"] + [c[0] for c in COLUMNS] + ["routing mass (rollouts)", "routing mass (grad)", "final reward"]
+def pooled(rows: Sequence[dict[str, Any]], mode: str, key: str) -> dict[str, float]:
+    """Pooled rate over runs: counts summed, Wilson interval of the pooled proportion."""
+    return rate(
+        sum(r["eval"]["modes"][mode][key]["k"] for r in rows), sum(r["eval"]["modes"][mode][key]["n"] for r in rows)
     )
+
+
+def _mass(rows: Sequence[dict[str, Any]]) -> str:
+    if rows[0]["base_arm"] == "baseline":
+        return "not routed"
+    return f"{_num(_mean([r['qmass'] for r in rows]))} / {_num(_mean([r['qmass_grad'] for r in rows]))}"
+
+
+def group(summaries: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for s in sorted(summaries, key=lambda s: (_arm_key(s["arm"]), s["seed"])):
+        out.setdefault(s["arm"], []).append(s)
+    return out
+
+
+def pooled_table(groups: dict[str, list[dict[str, Any]]]) -> str:
+    head = ["arm", "seeds", *[c for c, _, _ in RATES], "routing mass (rollouts / grad)", "final reward"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = sorted(summaries, key=lambda s: (_arm_rank(s["arm"]), str(s["seed"])))
-    for s in order:
-        cells = [_cell(s["eval"]["modes"][mode][key]) for _, mode, key in COLUMNS]
-        qmass = "n/a (not routed)" if s["arm"] == "baseline" else _num(s["qmass"])
-        qgrad = "n/a (not routed)" if s["arm"] == "baseline" else _num(s["qmass_grad"])
-        lines.append(
-            f"| {s['arm']} | {s['seed']} | " + " | ".join(cells) + f" | {qmass} | {qgrad} | "
-            f"{_num(s['final_reward'])} |"
-        )
-    for arm in sorted({s["arm"] for s in summaries}, key=_arm_rank):
-        rows = [s for s in summaries if s["arm"] == arm]
-        if len(rows) < 2:
-            continue
-        cells = [_cell(_pooled(rows, mode, key)) for _, mode, key in COLUMNS]
-        qm = [s["qmass"] for s in rows if s["qmass"] is not None]
-        qg = [s["qmass_grad"] for s in rows if s["qmass_grad"] is not None]
-        fr = [s["final_reward"] for s in rows if s["final_reward"] is not None]
-        lines.append(
-            f"| **{arm} (pooled)** | {len(rows)} seeds | "
-            + " | ".join(cells)
-            + f" | {_num(_mean(qm))} | {_num(_mean(qg))} | {_num(_mean(fr))} |"
-        )
-    n = sorted({s["eval"]["n"] for s in summaries})
-    note = (
-        f"\nHeld-out problems per run: {', '.join(map(str, n))} (loophole on); rates with 95% Wilson intervals. "
-        "Baseline: nothing is routed, so deployed == full."
-    )
-    return "\n".join(lines) + "\n" + note
+    for rows in groups.values():
+        cells = []
+        for _, mode, key in RATES:
+            per_seed = ", ".join(f"{r['eval']['modes'][mode][key]['rate']:.2f}" for r in rows)
+            cells.append(_cell(pooled(rows, mode, key)) + (f" ({per_seed})" if len(rows) > 1 else ""))
+        reward = _num(_mean([r["final_reward"] for r in rows]))
+        lines.append(f"| {_title(rows)} | {len(rows)} | " + " | ".join(cells) + f" | {_mass(rows)} | {reward} |")
+    return "\n".join(lines)
 
 
-def _arm_rank(arm: str) -> int:
-    return ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER)
+def run_table(summaries: Sequence[dict[str, Any]]) -> str:
+    head = ["arm", "seed", *[c for c, _, _ in RATES], "routing mass (rollouts / grad)", "final reward", "s/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rows in group(summaries).values():
+        for r in rows:
+            cells = [_cell(r["eval"]["modes"][mode][key]) for _, mode, key in RATES]
+            lines.append(
+                f"| {_title([r])} | {r['seed']} | "
+                + " | ".join(cells)
+                + f" | {_mass([r])} | {_num(r['final_reward'])} | {_num(r['step_time_median'])} |"
+            )
+    return "\n".join(lines)
 
 
-def plot_curves(summaries: Sequence[dict[str, Any]], out_png: str | Path) -> Path | None:
-    """Held-out strict hack rate and solve rate over training, a line per run (deployed solid, full dashed)."""
-    if not any(s["curves"] for s in summaries):
+def direction_table(groups: dict[str, list[dict[str, Any]]]) -> str | None:
+    """Arms whose rollouts were scored by a direction (not the baseline, not the label monitor)."""
+    with_dir = {a: rows for a, rows in groups.items() if rows[0]["base_arm"] not in ("baseline", "labels")}
+    if not with_dir:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    for ax, (label, key) in zip(axes, (("strict hack rate", "hack_strict"), ("solve rate", "correct")), strict=True):
-        for s in sorted(summaries, key=lambda s: _arm_rank(s["arm"])):
-            colour = ARM_COLOURS.get(s["arm"], "tab:green")
-            for mode, style in (("deploy", "-"), ("full", "--")):
-                pts = [
-                    (m["step"], m[f"measure/heldout/{mode}/{key}"])
-                    for m in s["curves"]
-                    if f"measure/heldout/{mode}/{key}" in m
-                ]
-                baseline = s["arm"] == "baseline"
-                if not pts or (baseline and mode == "full"):
-                    continue  # the baseline's deployed model is its full model: one solid line
-                xs, ys = zip(*pts, strict=True)
-                name = f"{s['arm']} s{s['seed']} " + ("deploy = full" if baseline else mode)
-                ax.plot(xs, ys, style, color=colour, marker="o", ms=3, label=name)
-        ax.set_title(f"held-out {label} (loophole on)")
-        ax.set_xlabel("step")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    head = ["arm", *[c for c, _ in DIRECTION]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rows in with_dir.values():
+        cells = []
+        for _, key in DIRECTION:
+            per_seed = [r["direction"][key] for r in rows]
+            seeds = ", ".join(_num(v) for v in per_seed)
+            cells.append(_num(_mean(per_seed)) + (f" ({seeds})" if len(rows) > 1 else ""))
+        lines.append(f"| {_title(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> tuple[str, Path | None]:
-    """Write `comparison.md` and `training_curves.png` to `out_dir`; return the table and the plot path."""
+def render(summaries: Sequence[dict[str, Any]], title: str = "Arm comparison", preamble: str = "") -> str:
+    groups = group(summaries)
+    n = sorted({s["eval"]["n"] for s in summaries})
+    parts = [
+        f"# {title}",
+        preamble,
+        "## Deployment evaluation, pooled over seeds",
+        pooled_table(groups),
+        f"Held-out problems per run: {', '.join(map(str, n))} (loophole on). Rates: pooled over seeds with a "
+        "95% Wilson interval, each seed's rate in parentheses. Routing mass: mean share of rollouts whose update "
+        "reached the quarantine / share of the gradient norm. Baseline: nothing is routed, so deployed == full. "
+        f"Rows marked{DIAGNOSTIC_MARK} read ground-truth labels: upper bounds, not the method.",
+    ]
+    directions = direction_table(groups)
+    if directions:
+        parts += [
+            "## Routing score against strict hack",
+            directions,
+            "Means over training (train: every batch's rollouts; held-out: the periodic held-out samples, "
+            "scored with the run's current adapter and direction; route threshold: the gate's). Each seed in "
+            "parentheses.",
+        ]
+    parts += ["## Every run", run_table(summaries)]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def write_report(
+    run_dirs: Sequence[str | Path], out_dir: str | Path, title: str = "Arm comparison", preamble: str = ""
+) -> tuple[str, list[Path]]:
+    """Write `report.md`, `report.json`, `curves.png` and `tradeoff.png` to `out_dir`; returns (markdown, pngs)."""
+    from routed_grpo.lab.plots import plot_curves, plot_tradeoff
+
     summaries = [summarise_run(d) for d in run_dirs]
-    table = comparison_table(summaries)
     out_dir = Path(out_dir)
-    png = plot_curves(summaries, out_dir / "training_curves.png")
-    atomic_write_text(out_dir / "comparison.md", "# Arm comparison\n\n" + table + "\n")
-    return table, png
+    text = render(summaries, title, preamble)
+    pngs = [
+        p
+        for p in (plot_curves(summaries, out_dir / "curves.png"), plot_tradeoff(summaries, out_dir / "tradeoff.png"))
+        if p is not None
+    ]
+    data = [{k: v for k, v in s.items() if k != "curves"} for s in summaries]
+    atomic_write_text(out_dir / "report.json", json.dumps(data, indent=2) + "\n")
+    atomic_write_text(out_dir / "report.md", text)
+    return text, pngs

@@ -1,26 +1,26 @@
-"""`routed-grpo experiment eval | compare` and the top-level `routed-grpo demo` (the organism end to end).
+"""`routed-grpo eval | compare | study | demo` (and `experiment eval | compare`): the lab's command line.
 
 Covers the command-line surface only; the work is in routed_grpo.lab.evaluation (deployment evaluation),
-routed_grpo.lab.report (comparison) and routed_grpo.lab.experiment (training one arm). Bad input (a directory that
-is not a finished run, an unknown recipe key) prints the error and exits 2.
+routed_grpo.lab.report (the report), routed_grpo.lab.study (arms x seeds) and routed_grpo.lab.experiment (one
+arm). Bad input (a directory that is not a finished run, an unknown arm or recipe key) prints the error and exits 2.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import typer
 
-from routed_grpo.lab import ORGANISM_RECIPES as RECIPES
+from routed_grpo.lab import ORGANISM_RECIPES
 
 app = typer.Typer(no_args_is_help=True)
-ARMS = ("baseline", "routed", "placebo")
+DEMO_ARMS = "baseline,placebo,routed,labels"
+STUDY_ARMS = "baseline,placebo,routed,oracle_direction,labels"
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: Exception | str) -> None:
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(2)
 
@@ -28,6 +28,7 @@ def _fail(err: Exception) -> None:
 def _env() -> None:
     for key, value in (("HF_HUB_OFFLINE", "1"), ("WANDB_MODE", "offline"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @app.command("eval")
@@ -53,65 +54,97 @@ def eval_cmd(
 @app.command("compare")
 def compare_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="Evaluated run directories (any arms and seeds)."),
-    out: Path = typer.Option(
-        None, help="Where comparison.md and training_curves.png go (default: first run's parent)."
-    ),
+    out: Path = typer.Option(None, help="Where report.md, report.json and the PNGs go (default: first run's parent)."),
 ) -> None:
-    """Markdown table across arms and seeds, and PNG plots of hack and solve rate over training."""
-    from routed_grpo.lab.report import compare_runs
+    """The report across arms and seeds: markdown tables with intervals, JSON, and PNG plots."""
+    from routed_grpo.lab.report import write_report
 
+    out = out or run_dirs[0].parent
     try:
-        table, png = compare_runs(run_dirs, out or run_dirs[0].parent)
+        text, pngs = write_report(run_dirs, out)
     except (FileNotFoundError, ValueError, KeyError) as err:
         _fail(err)
-    typer.echo(table)
-    typer.echo(f"\nwrote {(out or run_dirs[0].parent) / 'comparison.md'}" + (f" and {png}" if png else ""))
+    typer.echo(text)
+    typer.echo(f"wrote {out / 'report.md'}" + "".join(f", {p}" for p in pngs))
+
+
+def _study(
+    out: Path,
+    arms: str,
+    seeds: str,
+    jobs: int,
+    steps: int | None,
+    eval_n: int | None,
+    organism_dir: Path,
+    recipes: Path,
+    title: str,
+) -> None:
+    from routed_grpo.lab.report import write_report
+    from routed_grpo.lab.study import execute, parse_arm_spec, plan, split_arms
+
+    try:
+        specs = [parse_arm_spec(a) for a in split_arms(arms)]
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        runs = plan(specs, seed_list, out, organism_dir, recipes, steps)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(f"{len(runs)} runs ({len(specs)} arms x {len(seed_list)} seeds) in {out}, {jobs} at a time")
+    status = execute(runs, jobs=jobs, eval_n=eval_n)
+    typer.echo(f"ran {len(status['ran'])}, skipped {len(status['skipped'])} finished, {status['seconds']:.0f} s")
+    for failure in status["failed"]:
+        typer.echo(f"FAILED: {failure}", err=True)
+    finished = [r.run_dir for r in runs if (r.run_dir / "eval.json").is_file()]
+    if finished:
+        preamble = (
+            f"Command: `routed-grpo study --arms {arms} --seeds {seeds} --jobs {jobs}"
+            + (f" --steps {steps}" if steps else "")
+            + f"`; wall time {status['seconds']:.0f} s "
+            f"for {len(status['ran'])} runs ({len(status['skipped'])} reused)."
+        )
+        text, pngs = write_report(finished, out, title, preamble)
+        typer.echo("\n" + text)
+        typer.echo(f"wrote {out / 'report.md'}" + "".join(f", {p}" for p in pngs))
+    if status["failed"]:
+        raise typer.Exit(1)
+
+
+def study(
+    out: Path = typer.Option(Path("runs/study"), "--out", help="Directory of the runs and the report."),
+    arms: str = typer.Option(
+        STUDY_ARMS,
+        help="Arms, comma-separated; variants as arm@key=value[,key=value] (e.g. labels@0.7, "
+        "labels@recall=0.9,fpr=0.05, routed@cap=10, routed@exclude=mode:weak_asserts).",
+    ),
+    seeds: str = typer.Option("0,1,2", help="Training seeds, comma-separated."),
+    jobs: int = typer.Option(2, help="Runs side by side (each uses one core)."),
+    steps: int = typer.Option(None, help="Override max_steps of every recipe."),
+    eval_n: int = typer.Option(None, help="Held-out problems per deployment evaluation (default: the recipe's)."),
+    organism_dir: Path = typer.Option(Path(".cache/organism"), help="Cache of the built organism."),
+    recipes: Path = typer.Option(ORGANISM_RECIPES, help="Directory of the arms' recipes (<arm>.yaml)."),
+) -> None:
+    """Arms x seeds on the organism, finished runs skipped, one progress bar, one report (report.md + PNGs).
+
+    labels and oracle_direction are DIAGNOSTIC upper bounds that read ground-truth labels."""
+    _env()
+    _study(out, arms, seeds, jobs, steps, eval_n, organism_dir, recipes, "Study")
 
 
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory of the three runs and the report."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory of the runs and the report."),
     organism_dir: Path = typer.Option(Path(".cache/organism"), help="Cache of the built organism."),
-    steps: int = typer.Option(None, help="Override max_steps of the three recipes."),
+    steps: int = typer.Option(None, help="Override max_steps of the recipes."),
     seed: int = typer.Option(0, help="Training seed (the same for every arm)."),
     eval_n: int = typer.Option(None, help="Held-out problems per evaluation (default: the recipes' eval_n)."),
-    recipes: Path = typer.Option(RECIPES, help="Directory holding baseline.yaml, routed.yaml, placebo.yaml."),
-    force: bool = typer.Option(False, help="Retrain arms whose run directory is already evaluated."),
+    jobs: int = typer.Option(2, help="Runs side by side."),
 ) -> None:
-    """The CPU model organism end to end: build (cached), baseline, routed and placebo arms, deployment
-    evaluation and the comparison report."""
+    """The CPU model organism end to end: build (cached), baseline, placebo, routed and the DIAGNOSTIC labels arm
+    (one seed), deployment evaluation and the report; then prints the full study command."""
     _env()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from routed_grpo.lab.evaluation import eval_table, evaluate_run
-    from routed_grpo.lab.experiment import parse_recipe, run_experiment
-    from routed_grpo.lab.report import compare_runs
+    from routed_grpo.lab.experiment import parse_recipe
+    from routed_grpo.lab.organism import build_organism
 
-    t0 = time.time()
-    run_dirs = []
-    for i, arm in enumerate(ARMS, 1):
-        run_dir = out / arm
-        run_dirs.append(run_dir)
-        if (run_dir / "eval.json").is_file() and not force:
-            typer.echo(f"[{i}/3] {arm}: already trained and evaluated in {run_dir} (use --force to retrain)")
-            continue
-        argv = [
-            "--config",
-            str(recipes / f"{arm}.yaml"),
-            "--output_dir",
-            str(run_dir),
-            "--organism_dir",
-            str(organism_dir),
-            "--seed",
-            str(seed),
-        ]
-        argv += ["--max_steps", str(steps)] if steps else []
-        try:
-            script, training, model_args = parse_recipe(argv)
-        except (ValueError, FileNotFoundError) as err:
-            _fail(err)
-        typer.echo(f"[{i}/3] {arm}: training {training.max_steps} steps -> {run_dir}  ({time.time() - t0:.0f}s)")
-        run_experiment(script, training, model_args)
-        typer.echo(f"[{i}/3] {arm}: deployment evaluation  ({time.time() - t0:.0f}s)")
-        typer.echo(eval_table(evaluate_run(run_dir, n=eval_n, progress=True)))
-    table, png = compare_runs(run_dirs, out)
-    typer.echo(f"\n# Arm comparison ({time.time() - t0:.0f}s total)\n\n{table}\n")
-    typer.echo(f"wrote {out / 'comparison.md'}" + (f" and {png}" if png else ""))
+    script, _, _ = parse_recipe(["--config", str(ORGANISM_RECIPES / "baseline.yaml")])
+    build_organism(organism_dir, seed=script.organism_seed, progress=True, **(script.organism_settings or {}))
+    _study(out, DEMO_ARMS, str(seed), jobs, steps, eval_n, organism_dir, ORGANISM_RECIPES, "Demo")
+    cmd = f"routed-grpo study --arms {STUDY_ARMS} --seeds 0,1,2 --jobs 2 --out runs/study"
+    typer.echo(f"\nThe full study (all arms, three seeds):\n  {cmd}")
