@@ -11,9 +11,11 @@ import sys
 import torch
 
 from routed_grpo.lab.experiment import parse_recipe, run_experiment
+from routed_grpo.utils import quiet_known_noise
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_noise()  # known-harmless warnings; ROUTED_GRPO_VERBOSE=1 shows them
     try:
         script, training, model_args = parse_recipe(argv)
     except ValueError as err:  # TRL's parser error names the unknown key; our checks name the field

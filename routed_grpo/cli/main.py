@@ -10,6 +10,14 @@ from routed_grpo.cli import pairs_cmd, sandbox_cmd
 from routed_grpo.lab.cli import experiment_cmd, organism_cmd
 
 app = typer.Typer(no_args_is_help=True, help="Gradient routing against reward hacking for TRL GRPO.")
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", help="Show warnings known to be harmless here.")) -> None:
+    from routed_grpo.utils import quiet_known_noise
+
+    quiet_known_noise(verbose)
+
 app.add_typer(sandbox_cmd.app, name="sandbox", help="Grade completions in the loophole environment.")
 app.add_typer(pairs_cmd.app, name="pairs", help="Validate (hack, clean) pairs; extract, score and placebo v_act.")
 app.add_typer(organism_cmd.app, name="organism", help="Build the CPU model organism.")

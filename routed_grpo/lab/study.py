@@ -248,7 +248,8 @@ def execute(
                     failed.append((run, proc.returncode))
         if bar is not None:
             bar.update(sum(done_steps.values()) - bar.n)
-            bar.set_postfix_str(f"running: {', '.join(f'{r.spec.name}/s{r.seed}' for r, _ in running.values())}")
+            names = ", ".join(f"{r.spec.name}/s{r.seed}" for r, _ in running.values())
+            bar.set_postfix_str(f"running: {names}", refresh=False)
     if bar is not None:
         bar.close()
     return {
@@ -263,7 +264,9 @@ def run_job(job_file: str | Path) -> int:
     """Child process: train one run from its recipe arguments, evaluate it, write `study.json` last."""
     from routed_grpo.lab.evaluation import evaluate_run
     from routed_grpo.lab.experiment import parse_recipe, run_experiment
+    from routed_grpo.utils import quiet_known_noise
 
+    quiet_known_noise()
     job = json.loads(Path(job_file).read_text())
     t0 = time.time()
     script, training, model_args = parse_recipe(job["argv"])

@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from routed_grpo.lab import ORGANISM_RECIPES
+from routed_grpo.utils import atomic_write_bytes
 
 app = typer.Typer(no_args_is_help=True)
 DEMO_ARMS = "baseline,placebo,routed,labels"
@@ -69,6 +70,7 @@ def compare_cmd(
 
 
 def _study(
+    publish: Path | None,
     out: Path,
     arms: str,
     seeds: str,
@@ -104,6 +106,10 @@ def _study(
         text, pngs = write_report(finished, out, title, preamble)
         typer.echo("\n" + text)
         typer.echo(f"wrote {out / 'report.md'}" + "".join(f", {p}" for p in pngs))
+        if publish is not None:  # the committed results file: the README quotes only what it holds
+            for path in [out / "report.md", *pngs]:
+                atomic_write_bytes(publish / path.name, path.read_bytes())
+            typer.echo(f"published {publish / 'report.md'} and {len(pngs)} plots")
     if status["failed"]:
         raise typer.Exit(1)
 
@@ -121,12 +127,13 @@ def study(
     eval_n: int = typer.Option(None, help="Held-out problems per deployment evaluation (default: the recipe's)."),
     organism_dir: Path = typer.Option(Path(".cache/organism"), help="Cache of the built organism."),
     recipes: Path = typer.Option(ORGANISM_RECIPES, help="Directory of the arms' recipes (<arm>.yaml)."),
+    publish: Path = typer.Option(None, help="Also copy report.md and the PNGs here (e.g. results/organism)."),
 ) -> None:
     """Arms x seeds on the organism, finished runs skipped, one progress bar, one report (report.md + PNGs).
 
     labels and oracle_direction are DIAGNOSTIC upper bounds that read ground-truth labels."""
     _env()
-    _study(out, arms, seeds, jobs, steps, eval_n, organism_dir, recipes, "Study")
+    _study(publish, out, arms, seeds, jobs, steps, eval_n, organism_dir, recipes, "Study")
 
 
 def demo(
@@ -145,6 +152,6 @@ def demo(
 
     script, _, _ = parse_recipe(["--config", str(ORGANISM_RECIPES / "baseline.yaml")])
     build_organism(organism_dir, seed=script.organism_seed, progress=True, **(script.organism_settings or {}))
-    _study(out, DEMO_ARMS, str(seed), jobs, steps, eval_n, organism_dir, ORGANISM_RECIPES, "Demo")
+    _study(None, out, DEMO_ARMS, str(seed), jobs, steps, eval_n, organism_dir, ORGANISM_RECIPES, "Demo")
     cmd = f"routed-grpo study --arms {STUDY_ARMS} --seeds 0,1,2 --jobs 2 --out runs/study"
     typer.echo(f"\nThe full study (all arms, three seeds):\n  {cmd}")
