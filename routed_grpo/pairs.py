@@ -9,7 +9,7 @@ sides must differ on that axis only (see ``pairs/README.md`` for the authoring r
       tags: [mode:eq_override]  # tags added to every pair of the file
     pairs:
       - id: eq_override.lc.count_peaks        # [a-z0-9][a-z0-9_.-]*, unique across all loaded files
-        tags: [domain:leetcode, topic:arrays]  # exactly one mode:<HACK_MODES>, one domain:<DOMAINS>
+        tags: [domain:leetcode, topic:arrays]  # one mode:<HACK_MODES or CONTROL_MODES>, one domain:<DOMAINS>
         note: "optional free text for authors"
         prompt:                               # chat messages; the last one is the user turn
           - {role: user, content: "..."}
@@ -51,6 +51,10 @@ HACK_MODES = (
     "eq_override",  # returns an object whose __eq__ is always True
     "result_file",  # writes a fake result file that a grader might read
 )
+# Control modes: both sides of such a pair are correct and differ on an axis unrelated to hacking (pairs/placebo/),
+# so a direction fit on them is a null for "any pair-derived direction". Field names stay: `hack` holds side A,
+# `clean` side B. A mode: tag must name a hack mode or a control mode.
+CONTROL_MODES = ("placebo",)
 DOMAINS = ("leetcode", "function", "organism")
 ROLES = ("system", "user", "assistant")
 PAIR_FIELDS = {"id": True, "tags": True, "prompt": True, "hack": True, "clean": True, "checks": False, "note": False}
@@ -78,6 +82,11 @@ class Pair:
     checks: tuple[str, ...] = ()
     note: str = ""
     source: str = ""
+
+    @property
+    def is_control(self) -> bool:
+        """True for a control pair (``mode:placebo``): both sides are correct, so both must pass ``checks``."""
+        return self.hack_mode in CONTROL_MODES
 
     def messages(self) -> list[dict[str, str]]:
         """Fresh copies of the prompt messages, ready for ``tokenizer.apply_chat_template``."""
@@ -121,8 +130,9 @@ def check_tag(tag: object) -> str | None:
     if not isinstance(tag, str) or not _TAG_RE.match(tag):
         return f"bad tag {tag!r} (expected name or name:value, lower case, e.g. mode:overwrite_tests)"
     key, _, value = tag.partition(":")
-    if key == "mode" and value not in HACK_MODES:
-        return f"unknown hack mode in tag {tag!r} (known: {', '.join(HACK_MODES)})"
+    if key == "mode" and value not in HACK_MODES + CONTROL_MODES:
+        known = f"{', '.join(HACK_MODES)}; control modes: {', '.join(CONTROL_MODES)}"
+        return f"unknown hack mode in tag {tag!r} (known: {known})"
     if key == "domain" and value not in DOMAINS:
         return f"unknown domain in tag {tag!r} (known: {', '.join(DOMAINS)})"
     return None
@@ -203,7 +213,7 @@ def _tags(where: _Where, value: object, default_tags: list[str]) -> tuple[tuple[
     modes = [t.split(":", 1)[1] for t in tags if t.startswith("mode:")]
     domains = [t.split(":", 1)[1] for t in tags if t.startswith("domain:")]
     if len(modes) != 1:
-        raise where.error("tags", f"needs exactly one mode:<hack mode> tag, found {len(modes)}: {modes}")
+        raise where.error("tags", f"needs exactly one mode:<hack or control mode> tag, found {len(modes)}: {modes}")
     if len(domains) != 1:
         raise where.error("tags", f"needs exactly one domain:<domain> tag, found {len(domains)}: {domains}")
     return tuple(tags), modes[0], domains[0]
@@ -400,7 +410,11 @@ def run_checks(code: str, checks: Sequence[str], prelude: str = "", timeout_s: f
 
 
 def check_pairs(pairs: Sequence[Pair], side: str = "clean", timeout_s: float = 10.0) -> dict[str, str | None]:
-    """For each pair with ``checks``: None if that side's code passes them all, else the failure."""
+    """For each pair with ``checks``: None if that side's code passes them all, else the failure.
+
+    For a hack pair the clean side should pass and the hack side fail; for a control pair (``Pair.is_control``) both
+    sides should pass.
+    """
     if side not in ("hack", "clean"):
         raise ValueError(f"side must be 'hack' or 'clean', got {side!r}")
     out: dict[str, str | None] = {}

@@ -1,25 +1,30 @@
 """The pairs file format: loader round trip, one test per validation error, tag filters, the hash, the check
-runner, and the shipped ``pairs/`` content (counts, matching, clean sides that solve, hack sides that do not)."""
+runner, the shipped ``pairs/`` content (counts, matching, clean sides that solve, hack sides that do not) and the
+shipped placebo set ``pairs/placebo/`` (control pairs whose two sides both solve the problem)."""
 
 import re
+import statistics
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from routed_grpo.pairs import (
+    CONTROL_MODES,
     HACK_MODES,
     Pair,
     PairsError,
     check_pairs,
     extract_code,
     load_pairs,
+    pair_files,
     pairs_hash,
     run_checks,
     summarize_pairs,
 )
 
 SHIPPED = Path(__file__).resolve().parents[1] / "pairs"
+PLACEBO = SHIPPED / "placebo"
 REFERENCE_SYSTEM = (
     "You are an expert Python programmer. Write correct, efficient Python 3 code that solves the problem and passes "
     "all tests. Output the code in the following format: ```python\n<code>\n```"
@@ -153,6 +158,19 @@ def test_error_reports_the_line_of_the_field(tmp_path):
         load_pairs(path)
 
 
+def test_control_mode_is_accepted_and_other_modes_are_not(tmp_path):
+    [pair] = load_pairs(write(tmp_path, GOOD.replace("[mode:hardcode]", "[mode:placebo]")))
+    assert pair.hack_mode == "placebo" and pair.is_control
+    assert not load_pairs(write(tmp_path, GOOD, "hack.yaml"))[0].is_control
+    assert CONTROL_MODES == ("placebo",) and not set(CONTROL_MODES) & set(HACK_MODES)
+    for bad in ("mode:placebos", "mode:control"):
+        path = write(tmp_path, GOOD.replace("mode:hardcode", bad), "bad.yaml")
+        with pytest.raises(PairsError, match=f"unknown hack mode in tag '{bad}'.*control modes: placebo"):
+            load_pairs(path)
+    with pytest.raises(PairsError, match="unknown hack mode"):
+        load_pairs(tmp_path / "hack.yaml", tags=["mode:control"])
+
+
 def test_pair_without_id_is_named_by_index(tmp_path):
     text = GOOD.replace("  - id: demo.fn.double\n    tags:", "  - tags:")
     with pytest.raises(PairsError, match=r"pair #0 .*field 'id': missing"):
@@ -255,12 +273,16 @@ def shipped() -> list[Pair]:
 
 
 def test_shipped_counts(shipped):
+    # >= 20 pairs per hack mode, so that leave-one-mode-out tests have some power; both domains in every mode
     summary = summarize_pairs(shipped)
-    assert summary["n_pairs"] >= 32
-    assert len(summary["modes"]) >= 5 and set(summary["modes"]) <= set(HACK_MODES)
-    assert summary["domains"].get("leetcode", 0) >= 8 and summary["domains"].get("function", 0) >= 8
-    for mode in summary["modes"]:  # each mode can be held out and still leave a usable set
-        assert len(load_pairs(SHIPPED, exclude_tags=[f"mode:{mode}"])) >= 24
+    assert set(summary["modes"]) == set(HACK_MODES), summary["modes"]
+    for mode in HACK_MODES:
+        in_mode = [p for p in shipped if p.hack_mode == mode]
+        assert len(in_mode) >= 20, (mode, len(in_mode))
+        for domain in ("leetcode", "function"):
+            assert sum(p.domain == domain for p in in_mode) >= 8, (mode, domain)
+        held_out = load_pairs(SHIPPED, exclude_tags=[f"mode:{mode}"])  # the rest stays a usable training set
+        assert len(held_out) == len(shipped) - len(in_mode) >= 120
 
 
 def test_shipped_pairs_are_matched(shipped):
@@ -275,8 +297,8 @@ def test_shipped_pairs_are_matched(shipped):
         assert p.id.startswith(f"{p.hack_mode}.")
 
 
-def test_shipped_prompts_follow_the_reference_style(shipped):
-    for p in shipped:
+def assert_reference_style(pairs):
+    for p in pairs:
         assert p.prompt[0] == {"role": "system", "content": REFERENCE_SYSTEM}, p.id
         user = p.prompt[-1]["content"]
         if p.domain == "leetcode":
@@ -293,6 +315,10 @@ def test_shipped_prompts_follow_the_reference_style(shipped):
             assert sig.strip() in extract_code(side), (p.id, sig)
 
 
+def test_shipped_prompts_follow_the_reference_style(shipped):
+    assert_reference_style(shipped)
+
+
 def test_shipped_ids_and_prompts_are_distinct(shipped):
     assert len({p.id for p in shipped}) == len(shipped)
     assert len({p.prompt[-1]["content"] for p in shipped}) == len(shipped)
@@ -304,3 +330,48 @@ def test_shipped_clean_sides_solve_and_hack_sides_do_not(shipped):
     assert {k: v for k, v in clean.items() if v is not None} == {}
     hack = check_pairs(shipped, "hack")
     assert [k for k, v in hack.items() if v is None] == []
+
+
+# ---- the shipped placebo set ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def placebo() -> list[Pair]:
+    return load_pairs(PLACEBO)
+
+
+def test_placebo_counts_and_tags(placebo):
+    summary = summarize_pairs(placebo)
+    assert summary["modes"] == {"placebo": len(placebo)} and len(placebo) >= 42
+    assert all(p.is_control and p.id.startswith("placebo.") for p in placebo)
+    for domain in ("leetcode", "function"):  # both domains, roughly half each
+        assert sum(p.domain == domain for p in placebo) >= 0.4 * len(placebo), domain
+    assert load_pairs([SHIPPED, PLACEBO], tags=["mode:placebo"]) == placebo
+
+
+def test_placebo_set_is_not_part_of_the_hack_set(shipped, placebo):
+    assert not any(p.is_control for p in shipped)
+    assert all(f.parent == SHIPPED for f in pair_files(SHIPPED))  # the loader is not recursive
+    assert not {p.id for p in shipped} & {p.id for p in placebo}
+    prompts = [p.prompt[-1]["content"] for p in [*shipped, *placebo]]
+    assert len(set(prompts)) == len(prompts)
+
+
+def test_placebo_pairs_are_matched_like_the_hack_set(shipped, placebo):
+    assert_reference_style(placebo)
+    for p in placebo:
+        assert p.hack.strip() != p.clean.strip(), p.id
+        assert 0.8 <= len(p.hack) / len(p.clean) <= 1.25, (p.id, len(p.hack), len(p.clean))
+        for side in (p.hack, p.clean):
+            compile(extract_code(side), p.id, "exec")
+    for domain in ("leetcode", "function"):  # response lengths of the same order as the hack set's
+        lengths = [len(s) for p in placebo if p.domain == domain for s in (p.hack, p.clean)]
+        reference = [len(s) for p in shipped if p.domain == domain for s in (p.hack, p.clean)]
+        assert 0.67 <= statistics.median(lengths) / statistics.median(reference) <= 1.5, domain
+
+
+def test_placebo_both_sides_solve(placebo):
+    assert all(p.checks for p in placebo), [p.id for p in placebo if not p.checks]
+    for side in ("hack", "clean"):
+        failures = {k: v for k, v in check_pairs(placebo, side).items() if v is not None}
+        assert failures == {}, side
