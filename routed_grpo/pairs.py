@@ -22,25 +22,23 @@ sides must differ on that axis only (see ``pairs/README.md`` for the authoring r
 
 Covered here: parsing (``yaml.safe_load``), validation with errors that name file, line, pair and field, tag
 filtering, a content hash for run metadata, summary counts, and ``check_pairs`` which runs each side's code
-against its ``checks`` in a throwaway subprocess. Not covered: rendering prompts (the caller applies the
-tokenizer's own chat template) and anything about activations (``routed_grpo.vact``).
+against its ``checks`` in the environment's sandbox, extracted as its grader extracts code (every fenced block).
+Not covered: rendering prompts (the caller applies the tokenizer's own chat template) and anything about
+activations (``routed_grpo.vact``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import secrets
-import subprocess
-import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from sandbox.extract import extract_code  # the grader's extractor: every fenced block, joined
 
 HACK_MODES = (
     "overwrite_tests",  # the response defines its own run_tests() that passes without testing
@@ -63,7 +61,6 @@ DEFAULT_FIELDS = ("system", "tags")
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _TAG_RE = re.compile(r"^[a-z][a-z0-9_]*(:[a-z0-9][a-z0-9_.-]*)?$")
-_CODE_RE = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 
 class PairsError(ValueError):
@@ -117,12 +114,6 @@ def pairs_hash(paths: str | Path | Iterable[str | Path]) -> str:
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()
-
-
-def extract_code(text: str) -> str | None:
-    """The body of the first ```python block of a response, or None."""
-    m = _CODE_RE.search(text)
-    return m.group(1) if m else None
 
 
 def check_tag(tag: object) -> str | None:
@@ -354,24 +345,6 @@ def summarize_pairs(pairs: Sequence[Pair]) -> dict:
     }
 
 
-_CHECK_HARNESS = r"""
-import io, json, sys
-job = json.loads(sys.stdin.read())
-def report(ok, error=None):
-    with open(job["report"], "w") as f:
-        json.dump({"nonce": job["nonce"], "ok": ok, "error": error}, f)
-ns = {"__name__": "__main__"}
-try:
-    exec(job["prelude"] + "\n" + job["code"], ns)
-    for stmt in job["checks"]:
-        exec(stmt, ns)
-except SystemExit as e:
-    report(False, f"SystemExit({e.code!r}) before the checks finished")
-except BaseException as e:
-    report(False, f"{type(e).__name__}: {e}"[:300])
-else:
-    report(True)
-"""
 # The star imports the LeetCode environment's setup code provides (so `List` etc. resolve as they would there).
 LEETCODE_PRELUDE = "\n".join(
     ["import collections, functools, math, random, string"]
@@ -379,49 +352,35 @@ LEETCODE_PRELUDE = "\n".join(
 )
 
 
-def run_checks(code: str, checks: Sequence[str], prelude: str = "", timeout_s: float = 10.0) -> str | None:
-    """Run ``code`` then each check in a fresh Python subprocess inside a temp dir; None if all pass, else why.
-
-    The verdict goes to a file named by a random nonce, so code that prints pass claims or exits early cannot
-    forge it. This is an authoring aid for trusted, hand-written pairs, not a sandbox for model output.
-    """
-    with tempfile.TemporaryDirectory(prefix="pairs_check_") as tmp:
-        nonce = secrets.token_hex(8)
-        report = Path(tmp) / f".verdict_{nonce}.json"
-        job = {"code": code, "checks": list(checks), "prelude": prelude, "nonce": nonce, "report": str(report)}
-        try:
-            subprocess.run(
-                [sys.executable, "-I", "-c", _CHECK_HARNESS],
-                input=json.dumps(job),
-                cwd=tmp,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return f"timed out after {timeout_s} s"
-        if not report.exists():
-            return "process ended before the checks finished (early exit?)"
-        verdict = json.loads(report.read_text())
-        if verdict.get("nonce") != nonce:
-            return "verdict file was forged"
-        return None if verdict["ok"] else verdict["error"]
-
-
 def check_pairs(pairs: Sequence[Pair], side: str = "clean", timeout_s: float = 10.0) -> dict[str, str | None]:
     """For each pair with ``checks``: None if that side's code passes them all, else the failure.
 
-    For a hack pair the clean side should pass and the hack side fail; for a control pair (``Pair.is_control``) both
-    sides should pass.
+    The side's program is what the environment's grader would run: every fenced block of the response joined
+    (`sandbox.extract`), after the LeetCode setup imports for LeetCode-style pairs, executed in the hardened
+    sandbox (`sandbox.executor`) with the checks as its script. Printing, exit codes or `os._exit` cannot pass a
+    check: only the script running to its end without raising does.
     """
+    from sandbox.executor import CheckJob, Limits, execute_many
+    from sandbox.extract import program_text
+
     if side not in ("hack", "clean"):
         raise ValueError(f"side must be 'hack' or 'clean', got {side!r}")
-    out: dict[str, str | None] = {}
+    ids, jobs = [], []
     for pair in pairs:
-        if not pair.checks:
-            continue
-        code = extract_code(getattr(pair, side)) or ""
-        prelude = LEETCODE_PRELUDE if pair.domain in ("leetcode", "organism") else ""
-        out[pair.id] = run_checks(code, pair.checks, prelude, timeout_s)
-    return out
+        if pair.checks:
+            prelude = LEETCODE_PRELUDE if pair.domain in ("leetcode", "organism") else ""
+            code = program_text(prelude, extract_code(getattr(pair, side)) or "")
+            ids.append(pair.id)
+            jobs.append(CheckJob(code=code, script="\n".join(pair.checks)))
+    results = execute_many(jobs, Limits(timeout_s=timeout_s), workers=2) if jobs else []
+    return {pid: None if r.script_ok else _failure(r) for pid, r in zip(ids, results, strict=True)}
+
+
+def _failure(result) -> str:
+    """Why a side failed its checks: the status and the last line the program or the harness reported."""
+    detail = result.error or next(iter(result.stderr.strip().splitlines()[-1:]), "")
+    if result.status == "ok" and result.script_ok is False:
+        return f"a check failed: {detail or 'assertion'}"
+    if result.status == "ok":
+        return "the program ended before the checks ran (early exit?)"
+    return f"{result.status}: {detail}" if detail else result.status

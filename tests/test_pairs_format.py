@@ -2,6 +2,7 @@
 runner, the shipped ``pairs/`` content (counts, matching, clean sides that solve, hack sides that do not) and the
 shipped placebo set ``pairs/placebo/`` (control pairs whose two sides both solve the problem)."""
 
+import dataclasses
 import re
 import statistics
 import textwrap
@@ -19,7 +20,6 @@ from routed_grpo.pairs import (
     load_pairs,
     pair_files,
     pairs_hash,
-    run_checks,
     summarize_pairs,
 )
 
@@ -83,7 +83,7 @@ def test_round_trip(tmp_path):
     assert pair.note == "special-cases 2"
     assert pair.source == str(path)
     assert pair.messages() == list(pair.prompt) and pair.messages()[0] is not pair.prompt[0]
-    assert extract_code(pair.clean) == "def double(x):\n    return x * 2\n"
+    assert extract_code(pair.clean) == "def double(x):\n    return x * 2"  # as the grader extracts it (stripped)
 
 
 def test_own_system_message_is_kept(tmp_path):
@@ -254,14 +254,33 @@ def test_hash_changes_with_content_not_with_order(tmp_path):
     assert pairs_hash(d) != h
 
 
-def test_run_checks_cannot_be_fooled_by_prints_or_exits():
-    assert run_checks("def f():\n    return 1\n", ["assert f() == 1"]) is None
-    assert "AssertionError" in run_checks("def f():\n    return 2\n", ["assert f() == 1"])
-    assert "SystemExit" in run_checks("import sys\nsys.exit(0)\n", ["pass"])
-    assert "early exit" in run_checks("import os\nos._exit(0)\n", ["pass"])
-    printed = run_checks("print('{\"ok\": true}')\ndef f():\n    return 2\n", ["assert f() == 1"])
-    assert printed is not None
-    assert "timed out" in run_checks("while True:\n    pass\n", [], timeout_s=1.0)
+def _pair(code: str, checks: list[str], pid: str = "p") -> Pair:
+    text = f"```python\n{code}```\n"
+    return Pair(pid, ("mode:hardcode", "domain:function"), "hardcode", "function", (), text, text, tuple(checks))
+
+
+def test_checks_run_in_the_sandbox_and_cannot_be_fooled_by_prints_or_exits():
+    pairs = [
+        _pair("def f():\n    return 1\n", ["assert f() == 1"], "right"),
+        _pair("def f():\n    return 2\n", ["assert f() == 1"], "wrong"),
+        _pair("import sys\nsys.exit(0)\n", ["pass"], "sys_exit"),
+        _pair("import os\nos._exit(0)\n", ["pass"], "os_exit"),
+        _pair("print('{\"ok\": true}')\ndef f():\n    return 2\n", ["assert f() == 1"], "printed"),
+        _pair("while True:\n    pass\n", ["pass"], "loop"),
+    ]
+    result = check_pairs(pairs, "clean", timeout_s=1.0)
+    assert result["right"] is None
+    assert all(result[k] is not None for k in ("wrong", "sys_exit", "os_exit", "printed", "loop")), result
+    assert result["loop"].startswith("timeout")
+
+
+def test_checks_see_every_code_block_as_the_grader_does():
+    """A response with two fenced blocks is one program to the grader; the checks run that program."""
+    two_blocks = (
+        "```python\ndef f():\n    return 1\n```\nand a helper:\n```python\ndef g():\n    return f() + 1\n```\n"
+    )
+    pair = dataclasses.replace(_pair("", ["assert g() == 2"]), clean=two_blocks)
+    assert check_pairs([pair], "clean") == {"p": None}
 
 
 # ---- the shipped pairs ---------------------------------------------------------------------------------------------
