@@ -196,10 +196,23 @@ def _read_files(workdir: str, names: list[str], cap: int = 1 << 20) -> dict[str,
 
 
 def _empty_dir(path: str) -> None:
+    """Remove everything in `path`, also directories the job made unreadable (we own them, or are root)."""
+
+    def retry(func, p, _exc):
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                func(p)
+        except OSError:
+            pass
+
     for entry in os.listdir(path):
         p = os.path.join(path, entry)
         if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(p, onerror=retry)
         else:
             try:
                 os.unlink(p)
@@ -253,7 +266,7 @@ class Server:
         ns_pid = int(setup.split()[1]) if setup.startswith("ok ") else pid
         watched = Job(self, pid, ns_pid if self.strict else pid)
         stopped, gone = _watch(watched, job["limits"], self.sock, t0) if setup.startswith("ok ") else (None, False)
-        if stopped is not None:
+        if stopped is not None or not setup.startswith("ok "):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -138,10 +138,10 @@ def _assemble(
     exit_code = done.get("exit")
     if done.get("error"):
         status: Status = "infra_error"
+    elif channel.memory or done.get("oom_kills", 0) > 0:  # an OOM kill is the more specific reason
+        status = "memory"
     elif done.get("timed_out") or exit_code == _SIGXCPU_EXIT:
         status = "timeout"
-    elif channel.memory or done.get("oom_kills", 0) > 0:
-        status = "memory"
     else:
         status = "ok" if channel.reached_end and channel.error is None else "crash"
     error = done.get("error") or channel.error or channel.code_error
