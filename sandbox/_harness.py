@@ -1,11 +1,13 @@
-"""The in-child harness of `sandbox.executor` (stdlib only): isolation of the forked child, the job, the channel.
+"""The in-child harness of `sandbox.executor` (stdlib only): per-job setup of the forked child, the job, the channel.
 
-The child (forked by the zygote in `_zygote.py`): new session (own process group), stdin `/dev/null`, rlimits,
-an unprivileged uid unique to its zygote (so RLIMIT_NPROC binds and `kill(-1)` as that uid ends every process of
-the job), scrubbed environment; then it runs the job: `code` as the module `__main__`, each call expression, the
-script. Call values are encoded as tagged JSON (plain data only, exact types) and written as length-prefixed
-frames to fd 3, which only the parent reads; stdout is never parsed. Nothing here decides a verdict or ever
-sees an expected value.
+The child (forked by the zygote in `_zygote.py`, already inside its namespaces, minimal root and seccomp filter)
+enters the job cgroup, starts a new session (own process group), gets stdin `/dev/null`, rlimits, an OOM score
+that makes it the first victim, as root an unprivileged uid unique to its zygote (so RLIMIT_NPROC binds), and a
+scrubbed environment. Then it reports `ok <pid>` on the one-shot setup pipe and closes it, and only then runs the
+job: `code` as the module `__main__`, each call expression, the script. Call values are encoded as tagged JSON
+(plain data only, exact types) and written as length-prefixed frames to fd 3, which only the parent reads (see
+`_channel.py` for what it accepts); stdout is never parsed. Nothing here decides a verdict or ever sees an expected
+value.
 """
 
 from __future__ import annotations

