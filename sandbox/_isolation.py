@@ -284,7 +284,7 @@ class JobCgroup:
             for ctl in ("memory", "pids"):
                 cg.dirs[ctl] = _make_cgroup(mounts[ctl], name)
             files = {"limit": ("memory", "memory.limit_in_bytes"), "pids": ("pids", "pids.max"),
-                     "events": ("memory", "memory.oom_control")}
+                     "events": ("memory", "memory.oom_control"), "memsw": ("memory", "memory.memsw.limit_in_bytes")}
         elif "" in mounts and {"memory", "pids"} <= _v2_controllers(mounts[""]):
             cg.v2 = True
             base = os.path.join(mounts[""], CGROUP_NAME)
@@ -298,7 +298,7 @@ class JobCgroup:
             raise OSError("no writable memory and pids cgroup controllers (cgroup v1 hierarchies or v2)")
         for key, (ctl, fname) in files.items():
             path = os.path.join(cg.dirs[ctl], fname)
-            if key == "swap" and not os.path.exists(path):
+            if key in ("swap", "memsw") and not os.path.exists(path):  # no swap accounting: nothing to bound
                 continue
             cg._fds[key] = os.open(path, (os.O_RDONLY if key == "events" else os.O_WRONLY) | os.O_CLOEXEC)
         for d in sorted(set(cg.dirs.values())):
@@ -308,7 +308,10 @@ class JobCgroup:
         return cg
 
     def set_limits(self, memory_bytes: int, pids: int) -> None:
-        for key, value in (("limit", memory_bytes), ("pids", pids), ("swap", 0)):
+        order = [("limit", memory_bytes), ("memsw", memory_bytes)]  # v1: memory+swap may never be below memory
+        if memory_bytes > self._limits.get("limit", 1 << 62):
+            order.reverse()
+        for key, value in (*order, ("pids", pids), ("swap", 0)):
             if key in self._fds and self._limits.get(key) != value:
                 os.pwrite(self._fds[key], str(value).encode(), 0)
                 self._limits[key] = value
