@@ -25,7 +25,6 @@ import tempfile
 import time
 import traceback
 import types
-from dataclasses import dataclass
 
 CHAN_FD = 3
 SETUP_FD = 4
@@ -210,15 +209,15 @@ def run_job(job: dict) -> int:
     return code
 
 
-@dataclass
 class JobContext:
     """What the zygote prepared for every child: the job uid (root only), the cgroup files the child writes itself
     into, the RLIMIT_NPROC to set. The seccomp filter, no_new_privs and (without root) the empty capability sets
     are the zygote's own, inherited at fork."""
 
-    uid: int | None = None
-    cgroup_procs_fds: tuple[int, ...] = ()
-    nproc_extra: int | None = None  # RLIMIT_NPROC = max_procs + this; None: no RLIMIT_NPROC (rlimits-only)
+    def __init__(self) -> None:
+        self.uid: int | None = None
+        self.cgroup_procs_fds: tuple[int, ...] = ()
+        self.nproc_extra: int | None = None  # RLIMIT_NPROC = max_procs + this; None: none (rlimits-only)
 
 
 def _child_setup(job: dict, fds: list[int], workdir: str, ctx: JobContext, report: list[int]) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import signal
 import sys
 
@@ -186,7 +185,7 @@ def plan_root(preloaded_maps: str) -> RootPlan:
             for sub in ("site-packages", "dist-packages"):
                 if os.path.isdir(os.path.join(entry, sub)):
                     plan.masks.append(os.path.realpath(os.path.join(entry, sub)))
-    multiarch = getattr(sys.implementation, "_multiarch", None) or f"{platform.machine()}-linux-gnu"
+    multiarch = getattr(sys.implementation, "_multiarch", None) or f"{os.uname().machine}-linux-gnu"
     for d in (f"/lib/{multiarch}", f"/usr/lib/{multiarch}", "/lib64", "/usr/lib64"):
         if os.path.isdir(d):
             plan.add(d)
@@ -251,9 +250,9 @@ def build_root(plan: RootPlan) -> None:
 
 def pivot_into_root() -> None:
     """pivot_root into STAGE, detach the old root, make the root read-only and mount a fresh tmpfs on /tmp."""
-    nr = _PIVOT_ROOT.get(platform.machine())
+    nr = _PIVOT_ROOT.get(os.uname().machine)
     if nr is None:
-        raise OSError(f"pivot_root: syscall number unknown for {platform.machine()}")
+        raise OSError(f"pivot_root: syscall number unknown for {os.uname().machine}")
     _check(LIBC.syscall(ctypes.c_long(nr), STAGE.encode(), f"{STAGE}/.oldroot".encode()), "pivot_root")
     os.chdir("/")
     _check(LIBC.umount2(b"/.oldroot", 2), "umount2(/.oldroot)")  # MNT_DETACH
