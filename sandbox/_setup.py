@@ -134,8 +134,8 @@ def setup(server, config: dict) -> dict:
         else:
             _isolation.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans of a job come back to us
             expect = {"strict": False, "uid": None, "cgroups": [], "nproc": None}
-    except SetupFailed as e:
-        return {"k": "hello", "protections": [], "missing": list(need), "reason": str(e)}
+    except SetupFailed as e:  # nothing of the level is in force: name the step that failed
+        return {"k": "hello", "protections": [], "missing": [e.step], "reason": str(e)}
     verified = run_probe(server, expect, config)
     prot = [name for name, ok in verified.items() if ok is True] + list(BY_CONSTRUCTION)
     missing = [name for name in need if verified.get(name) is not True]

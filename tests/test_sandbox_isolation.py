@@ -292,8 +292,10 @@ def test_nothing_persists_outside_the_job():
 def test_kill_minus_one_leaves_concurrent_jobs_intact():
     require_strict()
     killer = CheckJob(code="import os, signal, time\nend = time.time() + 1.5\nwhile time.time() < end:\n"
-                           "    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP):\n"
-                           "        try:\n            os.kill(-1, sig)\n        except OSError:\n            pass\n",
+                           "    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP, signal.SIGINT):\n"
+                           "        for target in (-1, 1):  # everyone it may signal, and init\n"
+                           "            try:\n                os.kill(target, sig)\n"
+                           "            except OSError:\n                pass\n",
                       calls=("1",))
     sleeper = CheckJob(code="import time\ntime.sleep(1.0)\nx = 42", calls=("x",))
     res = execute_many([sleeper, killer, sleeper], Limits(timeout_s=3.0), workers=3)
