@@ -63,7 +63,7 @@ def enter_namespaces(root_user: bool) -> None:
     """Mount, network, IPC and UTS namespaces (and, without root, a user namespace where we are uid 0)."""
     euid, egid = os.geteuid(), os.getegid()
     flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | (0 if root_user else CLONE_NEWUSER)
-    _check(LIBC.unshare(flags), "unshare(user/mount/net/ipc/uts namespaces)")
+    _check(LIBC.unshare(flags), f"unshare({'' if root_user else 'user/'}mount/net/ipc/uts namespaces)")
     if not root_user:
         for name, text in (("setgroups", "deny"), ("uid_map", f"0 {euid} 1"), ("gid_map", f"0 {egid} 1")):
             with open(f"/proc/self/{name}", "w") as f:
