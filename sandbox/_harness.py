@@ -229,8 +229,8 @@ def _child_setup(job: dict, fds: list[int], workdir: str, ctx: JobContext, repor
         os.dup2(src, dst)
     report[0] = SETUP_FD
     os.closerange(SETUP_FD + 1, 1 << 16)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGALRM, signal.SIGINT, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGALRM):  # as a fresh interpreter has them
+        signal.signal(sig, signal.SIG_DFL)
     lim = job["limits"]
     cpu = int(math.ceil(lim["timeout_s"])) + 1  # a second line of defence: the zygote enforces job CPU time
     mb = 1 << 20

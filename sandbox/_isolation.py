@@ -283,6 +283,7 @@ class JobCgroup:
             for ctl in ("memory", "pids"):
                 cg.dirs[ctl] = _make_cgroup(mounts[ctl], name)
             files = {"limit": ("memory", "memory.limit_in_bytes"), "pids": ("pids", "pids.max"),
+                     "tasks": ("pids", "pids.current"),
                      "events": ("memory", "memory.oom_control"), "memsw": ("memory", "memory.memsw.limit_in_bytes")}
         elif "" in mounts and {"memory", "pids"} <= _v2_controllers(mounts[""]):
             cg.v2 = True
@@ -292,14 +293,15 @@ class JobCgroup:
             _write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids")
             cg.dirs["memory"] = cg.dirs["pids"] = _make_cgroup(mounts[""], name)
             files = {"limit": ("memory", "memory.max"), "pids": ("pids", "pids.max"),
-                     "events": ("memory", "memory.events"), "swap": ("memory", "memory.swap.max")}
+                     "tasks": ("pids", "pids.current"), "events": ("memory", "memory.events"),
+                     "swap": ("memory", "memory.swap.max")}
         else:
             raise OSError("no writable memory and pids cgroup controllers (cgroup v1 hierarchies or v2)")
         for key, (ctl, fname) in files.items():
             path = os.path.join(cg.dirs[ctl], fname)
             if key in ("swap", "memsw") and not os.path.exists(path):  # no swap accounting: nothing to bound
                 continue
-            cg._fds[key] = os.open(path, (os.O_RDONLY if key == "events" else os.O_WRONLY) | os.O_CLOEXEC)
+            cg._fds[key] = os.open(path, (os.O_RDONLY if key in ("events", "tasks") else os.O_WRONLY) | os.O_CLOEXEC)
         for d in sorted(set(cg.dirs.values())):
             cg.procs_fds.append(os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC))
             cg._parents.append((os.open(os.path.dirname(d), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC),
@@ -314,6 +316,10 @@ class JobCgroup:
             if key in self._fds and self._limits.get(key) != value:
                 os.pwrite(self._fds[key], str(value).encode(), 0)
                 self._limits[key] = value
+
+    def tasks(self) -> int:
+        """How many tasks of the job are alive (zombies included)."""
+        return int(os.pread(self._fds["tasks"], 64, 0))
 
     def oom_kills(self) -> int:
         for line in os.pread(self._fds["events"], 4096, 0).decode().splitlines():

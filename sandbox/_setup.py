@@ -48,15 +48,23 @@ def _step(name: str, fn, *args):
         raise SetupFailed(name, e) from None
 
 
-def _load_pyseccomp(path: str | None):
+def _load_pyseccomp(path: str | None, libraries: dict):
+    """Import pyseccomp from the parent's environment. Its import looks up libc and libseccomp with
+    `ctypes.util.find_library`, which runs `ldconfig -p` each time: the parent's answers (`libraries`) are used."""
     if not path:
         raise ImportError("the pyseccomp package is not installed in the parent's environment (pip install pyseccomp)")
+    import ctypes.util
+
     spec = importlib.util.spec_from_file_location("pyseccomp", path)
     module = importlib.util.module_from_spec(spec)
+    find = ctypes.util.find_library
+    ctypes.util.find_library = lambda name: libraries[name] if name in libraries else find(name)
     try:
         spec.loader.exec_module(module)
     except RuntimeError as e:  # pyseccomp raises RuntimeError when libseccomp.so is missing
         raise ImportError(f"{e} (install the libseccomp2 system package)") from None
+    finally:
+        ctypes.util.find_library = find
     return module
 
 
@@ -80,7 +88,8 @@ def _strict(server, config: dict, root_user: bool) -> dict:
     """Namespaces, cgroup, seccomp, minimal root, PID namespace. Returns what the probe should expect."""
     if root_user:
         server.cgroup = _step("cgroup (memory and pids controllers)", _isolation.JobCgroup.create)
-    pyseccomp = _step("seccomp (pyseccomp and libseccomp)", _load_pyseccomp, config.get("pyseccomp"))
+    pyseccomp = _step("seccomp (pyseccomp and libseccomp)", _load_pyseccomp, config.get("pyseccomp"),
+                      config.get("libraries", {}))
     bpf, skipped = _step("seccomp filter", _seccomp.build_bpf, pyseccomp)
     with open("/proc/self/maps") as f:
         maps = f.read()

@@ -81,12 +81,29 @@ def _run_delay(pid: int) -> float:
 
 
 class Job:
-    """The processes of one job, seen from the zygote: `main` (host pid), `ns_main` (its pid in /proc here)."""
+    """The processes of one job, seen from the zygote: `main` (host pid), `ns_main` (its pid in /proc here, from the
+    child's setup report, read when first needed: a short job is never woken up for it)."""
 
-    def __init__(self, state: Server, main: int, ns_main: int) -> None:
-        self.s, self.main, self.ns_main = state, main, ns_main
-        self.init_cpu0 = _stat_cpu(1) if state.strict else 0.0
-        self.rusage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    def __init__(self, state: Server, main: int, setup_fd: int, init_cpu0: float, rusage0) -> None:
+        self.s, self.main, self.setup_fd = state, main, setup_fd
+        self.init_cpu0, self.rusage0 = init_cpu0, rusage0
+        self._setup: str | None = None
+
+    @property
+    def setup(self) -> str:
+        if self._setup is None:
+            self._setup = _read_setup(self.setup_fd)
+        return self._setup
+
+    @property
+    def setup_ok(self) -> bool:
+        return self.setup.startswith("ok ")
+
+    @property
+    def ns_main(self) -> int:
+        if not self.s.strict:
+            return self.main
+        return int(self.setup.split()[1]) if self.setup_ok else -1
 
     def others(self) -> list[str]:
         """Pids (as /proc shows them) of the job's processes other than the main one."""
@@ -120,6 +137,8 @@ def _watch(job: Job, limits: dict, sock: socket.socket, t0: float) -> tuple[str 
                 return None, False
             if sock in ready:
                 return "parent", True
+            if not job.setup_ok:
+                return "setup", False
             wall = time.monotonic() - t0
             cpu = job.cpu_live()
             awake = wall - _run_delay(job.ns_main)
@@ -138,7 +157,7 @@ def _watch(job: Job, limits: dict, sock: socket.socket, t0: float) -> tuple[str 
 def _kill_rest(s: Server, job: Job) -> bool:
     """Kill every process of the job but init; True when none is left (they are reaped by init or by us)."""
     if s.strict:
-        if not job.others():
+        if (s.cgroup.tasks() == 0) if s.cgroup is not None else not job.others():
             return True
         reaper = os.fork()  # into the PID namespace: kill(-1) there reaches the job's processes and nothing else
         if reaper == 0:
@@ -250,6 +269,8 @@ class Server:
         if self.cgroup is not None:
             self.cgroup.set_limits(lim["memory_mb"] << 20, lim["max_procs"])
         oom0 = self.cgroup.oom_kills() if self.cgroup is not None else 0
+        init_cpu0 = _stat_cpu(1) if self.strict else 0.0
+        rusage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         setup_r, setup_w = os.pipe()
         t0 = time.monotonic()
         pid = os.fork()
@@ -261,7 +282,7 @@ class Server:
         for fd in (*fds, setup_w):
             os.close(fd)
         try:
-            return self._finish(job, pid, setup_r, workdir, t0, oom0)
+            return self._finish(job, Job(self, pid, setup_r, init_cpu0, rusage0), workdir, t0, oom0)
         finally:
             os.close(setup_r)
             if self.strict:
@@ -269,17 +290,16 @@ class Server:
             else:
                 shutil.rmtree(workdir, ignore_errors=True)
 
-    def _finish(self, job: dict, pid: int, setup_r: int, workdir: str, t0: float, oom0: int) -> dict | None:
-        setup = _read_setup(setup_r)
-        ns_pid = int(setup.split()[1]) if setup.startswith("ok ") else pid
-        watched = Job(self, pid, ns_pid if self.strict else pid)
-        stopped, gone = _watch(watched, job["limits"], self.sock, t0) if setup.startswith("ok ") else (None, False)
-        if stopped is not None or not setup.startswith("ok "):
+    def _finish(self, job: dict, watched: Job, workdir: str, t0: float, oom0: int) -> dict | None:
+        pid = watched.main
+        stopped, gone = _watch(watched, job["limits"], self.sock, t0)
+        if stopped is not None:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         _, status, rusage = os.wait4(pid, 0)
+        setup = watched.setup
         seconds = time.monotonic() - t0
         all_gone = _kill_rest(self, watched)
         cpu = watched.cpu_final(rusage)

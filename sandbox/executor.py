@@ -51,6 +51,8 @@ namespace); for `script` jobs see above.
 from __future__ import annotations
 
 import atexit
+import ctypes.util
+import functools
 import importlib.util
 import json
 import os
@@ -158,9 +160,16 @@ def _assemble(
 
 
 # -------------------------------------------------------------------------------------------- zygote
+@functools.lru_cache(maxsize=1)
+def _libraries() -> dict[str, str]:
+    """libc and libseccomp as `ctypes.util.find_library` names them (it runs `ldconfig -p`: once per process)."""
+    return {name: path for name in ("c", "seccomp") if (path := ctypes.util.find_library(name))}
+
+
 def _bootstrap(level: str, sock_fd: int) -> bytes:
     spec = importlib.util.find_spec("pyseccomp")
     config = {"level": level, "sock_fd": sock_fd, "dir": _DIR, "pyseccomp": spec.origin if spec else None,
+              "libraries": _libraries(),
               "probe_limits": asdict(Limits()),
               "absent": sorted({os.getcwd(), sys.prefix, os.path.dirname(_DIR), os.path.expanduser("~")})}
     return (f"import json, sys\nsys.path.insert(0, {_DIR!r})\nimport _zygote\nsys.path.pop(0)\n"
