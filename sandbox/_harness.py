@@ -1,7 +1,7 @@
 """The in-child harness of `sandbox.executor` (stdlib only): per-job setup of the forked child, the job, the channel.
 
-The child (forked by the zygote in `_zygote.py`, already inside its namespaces, minimal root and seccomp filter)
-enters the job cgroup, starts a new session (own process group), gets stdin `/dev/null`, rlimits, an OOM score
+The child (forked by the zygote in `_zygote.py`, already inside its namespaces, minimal root, seccomp filter and
+job cgroup) starts a new session (own process group), gets stdin `/dev/null`, rlimits, an OOM score
 that makes it the first victim, as root an unprivileged uid unique to its zygote (so RLIMIT_NPROC binds), and a
 scrubbed environment. Then it reports `ok <pid>` on the one-shot setup pipe and closes it, and only then runs the
 job: `code` as the module `__main__`, each call expression, the script. Call values are encoded as tagged JSON
@@ -210,19 +210,16 @@ def run_job(job: dict) -> int:
 
 
 class JobContext:
-    """What the zygote prepared for every child: the job uid (root only), the cgroup files the child writes itself
-    into, the RLIMIT_NPROC to set. The seccomp filter, no_new_privs and (without root) the empty capability sets
-    are the zygote's own, inherited at fork."""
+    """What the zygote prepared for every child: the job uid (root only) and the RLIMIT_NPROC to set. The seccomp
+    filter, no_new_privs, the job cgroup and (without root) the empty capability sets are the zygote's own,
+    inherited at fork."""
 
     def __init__(self) -> None:
         self.uid: int | None = None
-        self.cgroup_procs_fds: tuple[int, ...] = ()
         self.nproc_extra: int | None = None  # RLIMIT_NPROC = max_procs + this; None: none (rlimits-only)
 
 
 def _child_setup(job: dict, fds: list[int], workdir: str, ctx: JobContext, report: list[int]) -> None:
-    for fd in ctx.cgroup_procs_fds:  # first, so that everything after is accounted to the job
-        os.write(fd, b"0")
     os.setsid()
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in [os.open(os.devnull, os.O_RDONLY), *fds]]
     for src, dst in zip(high, (0, 1, 2, CHAN_FD, SETUP_FD), strict=True):  # via high numbers: no clobbering
@@ -243,12 +240,9 @@ def _child_setup(job: dict, fds: list[int], workdir: str, ctx: JobContext, repor
     for what, soft, hard in rl:
         resource.setrlimit(what, (soft, hard))
     os.chdir(workdir)
-    try:  # the OOM killer picks a job's process first
-        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-        os.write(fd, b"1000")
-        os.close(fd)
-    except OSError:
-        pass
+    fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)  # the OOM killer picks a job's process, not the zygote
+    os.write(fd, b"1000")
+    os.close(fd)
     if ctx.uid is not None:
         os.setgroups([])
         os.setgid(ctx.uid)

@@ -263,13 +263,18 @@ def pivot_into_root() -> None:
 
 # --------------------------------------------------------------------------------------------- cgroups
 class JobCgroup:
-    """One job cgroup per zygote (memory and pids controllers); the job's child writes itself into `procs_fds`.
-    Every file is opened at creation: after `pivot_root` the zygote reaches the cgroup only through these."""
+    """One job cgroup per zygote (memory and pids controllers). The zygote joins it once (`join`), so that every
+    child starts in it: no per-job migration, which would take the kernel's global cgroup lock on every fork of the
+    machine. The zygote's own pages stay charged where they were; each job's limit is the charge at its start plus
+    the job's allowance; the OOM killer picks a job's process first (each sets its `oom_score_adj` to 1000, the
+    zygote keeps 0: lowering it would need CAP_SYS_RESOURCE). Every file is opened at creation: after
+    `pivot_root` the zygote reaches the cgroup only through these."""
 
     def __init__(self) -> None:
         self.dirs: dict[str, str] = {}  # controller -> directory of this zygote's job cgroup
         self.v2 = False
         self.procs_fds: list[int] = []
+        self._home_fds: list[int] = []  # cgroup.procs of the cgroups the zygote came from
         self._fds: dict[str, int] = {}
         self._parents: list[tuple[int, str]] = []  # (fd of the parent directory, name) for removal
         self._limits: dict[str, int] = {}
@@ -283,7 +288,7 @@ class JobCgroup:
             for ctl in ("memory", "pids"):
                 cg.dirs[ctl] = _make_cgroup(mounts[ctl], name)
             files = {"limit": ("memory", "memory.limit_in_bytes"), "pids": ("pids", "pids.max"),
-                     "tasks": ("pids", "pids.current"),
+                     "tasks": ("pids", "pids.current"), "usage": ("memory", "memory.usage_in_bytes"),
                      "events": ("memory", "memory.oom_control"), "memsw": ("memory", "memory.memsw.limit_in_bytes")}
         elif "" in mounts and {"memory", "pids"} <= _v2_controllers(mounts[""]):
             cg.v2 = True
@@ -294,6 +299,7 @@ class JobCgroup:
             cg.dirs["memory"] = cg.dirs["pids"] = _make_cgroup(mounts[""], name)
             files = {"limit": ("memory", "memory.max"), "pids": ("pids", "pids.max"),
                      "tasks": ("pids", "pids.current"), "events": ("memory", "memory.events"),
+                     "usage": ("memory", "memory.current"),
                      "swap": ("memory", "memory.swap.max")}
         else:
             raise OSError("no writable memory and pids cgroup controllers (cgroup v1 hierarchies or v2)")
@@ -301,25 +307,36 @@ class JobCgroup:
             path = os.path.join(cg.dirs[ctl], fname)
             if key in ("swap", "memsw") and not os.path.exists(path):  # no swap accounting: nothing to bound
                 continue
-            cg._fds[key] = os.open(path, (os.O_RDONLY if key in ("events", "tasks") else os.O_WRONLY) | os.O_CLOEXEC)
+            readonly = key in ("events", "tasks", "usage")
+            cg._fds[key] = os.open(path, (os.O_RDONLY if readonly else os.O_WRONLY) | os.O_CLOEXEC)
         for d in sorted(set(cg.dirs.values())):
             cg.procs_fds.append(os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC))
             cg._parents.append((os.open(os.path.dirname(d), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC),
                                 os.path.basename(d)))
+        for home in _home_cgroups(mounts, cg.v2):
+            cg._home_fds.append(os.open(os.path.join(home, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC))
         return cg
 
+    def join(self) -> None:
+        """Move the calling process (the zygote) into the job cgroup."""
+        for fd in self.procs_fds:
+            os.write(fd, b"0")
+
     def set_limits(self, memory_bytes: int, pids: int) -> None:
-        order = [("limit", memory_bytes), ("memsw", memory_bytes)]  # v1: memory+swap may never be below memory
-        if memory_bytes > self._limits.get("limit", 1 << 62):
+        """Before a job: memory = what is charged now (the zygote's own growth, cache) + the job's allowance;
+        processes = the job's + the zygote + its reaper."""
+        memory = int(os.pread(self._fds["usage"], 64, 0)) + memory_bytes
+        order = [("limit", memory), ("memsw", memory)]  # v1: memory+swap may never be below memory
+        if memory > self._limits.get("limit", 1 << 62):
             order.reverse()
-        for key, value in (*order, ("pids", pids), ("swap", 0)):
+        for key, value in (*order, ("pids", pids + 2), ("swap", 0)):
             if key in self._fds and self._limits.get(key) != value:
                 os.pwrite(self._fds[key], str(value).encode(), 0)
                 self._limits[key] = value
 
     def tasks(self) -> int:
-        """How many tasks of the job are alive (zombies included)."""
-        return int(os.pread(self._fds["tasks"], 64, 0))
+        """How many tasks of the job are alive (zombies included): all in the cgroup but the zygote."""
+        return int(os.pread(self._fds["tasks"], 64, 0)) - 1
 
     def oom_kills(self) -> int:
         for line in os.pread(self._fds["events"], 4096, 0).decode().splitlines():
@@ -329,7 +346,12 @@ class JobCgroup:
         return 0
 
     def remove(self) -> None:
-        for fd in [*self.procs_fds, *self._fds.values()]:
+        for fd in self._home_fds:  # leave, so that the cgroup can be removed
+            try:
+                os.write(fd, b"0")
+            except OSError:
+                pass
+        for fd in [*self.procs_fds, *self._home_fds, *self._fds.values()]:
             os.close(fd)
         for dir_fd, name in self._parents:
             try:
@@ -362,6 +384,18 @@ def _cgroup_mounts() -> dict[str, str]:
                 for opt in opts.split(","):
                     if opt in ("memory", "pids"):
                         out.setdefault(opt, point)
+    return out
+
+
+def _home_cgroups(mounts: dict[str, str], v2: bool) -> list[str]:
+    """The directories of the cgroups this process is in now, for the controllers the job cgroup uses."""
+    out = []
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, names, path = line.rstrip("\n").split(":", 2)
+            for ctl in ([""] if v2 else ["memory", "pids"]):
+                if (names == "" if v2 else ctl in names.split(",")) and ctl in mounts:
+                    out.append(os.path.join(mounts[ctl], path.lstrip("/")))
     return out
 
 

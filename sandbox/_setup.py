@@ -98,6 +98,8 @@ def _strict(server, config: dict, root_user: bool) -> dict:
     _step("minimal root", _isolation.build_root, plan)
     seccomp = _seccomp.Installer(bpf)
     server.init_pid = _step("PID namespace", _start_init, seccomp)
+    if server.cgroup is not None:  # after init's fork: init stays out of the job cgroup
+        _step("cgroup (joining)", server.cgroup.join)
     _step("pivot_root", _isolation.pivot_into_root)
     plan.close()
     # The zygote needs none of the denied calls from here on: its filter is inherited by every child at no cost.
@@ -106,7 +108,6 @@ def _strict(server, config: dict, root_user: bool) -> dict:
         _step("dropping capabilities", _isolation.drop_capabilities)
     ctx = server.ctx
     ctx.uid = _isolation_uid() if root_user else None
-    ctx.cgroup_procs_fds = tuple(server.cgroup.procs_fds) if server.cgroup else ()
     ctx.nproc_extra = 0 if root_user else 2  # without root the zygote and init share the job's uid
     bound = sorted(plan.binds) + plan.devices + plan.masks
     ours = [*bound, "/tmp", "/proc", "/dev"]
