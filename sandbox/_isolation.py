@@ -11,7 +11,7 @@ Covered here (used by `_zygote.py` once per zygote, and by `_harness.py` in each
   `/tmp` that the new root replaces, is reachable by the job's uid. Sources are opened (O_PATH) before anything is
   mounted over them.
 - cgroups (as root): a job cgroup per zygote with the memory and pids controllers (v1 hierarchies or v2), which
-  each job's child enters itself;
+  the zygote joins once, so that each job's processes start in it;
 - capabilities: `drop_capabilities` empties the bounding, ambient, effective, permitted and inheritable sets.
 
 Not covered: site-packages are not in the root (the setup code of the reference problems imports only the

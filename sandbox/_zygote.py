@@ -159,7 +159,9 @@ def _kill_rest(s: Server, job: Job) -> bool:
     if s.strict:
         if (s.cgroup.tasks() == 0) if s.cgroup is not None else not job.others():
             return True
-        reaper = os.fork()  # into the PID namespace: kill(-1) there reaches the job's processes and nothing else
+        reaper = _fork_retrying()  # into the PID namespace: kill(-1) there reaches the job's processes only
+        if reaper is None:
+            return False
         if reaper == 0:
             try:
                 os.kill(-1, signal.SIGKILL)
@@ -195,6 +197,16 @@ def _kill_rest(s: Server, job: Job) -> bool:
                 time.sleep(0.0005)
         except ChildProcessError:
             return True
+
+
+def _fork_retrying(tries: int = 50) -> int | None:
+    """os.fork(), retried while the job's processes hold every pid its cgroup allows; None if it never succeeds."""
+    for _ in range(tries):
+        try:
+            return os.fork()
+        except BlockingIOError:
+            time.sleep(0.002)
+    return None
 
 
 def _ppid(pid: str) -> int | None:

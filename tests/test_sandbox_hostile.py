@@ -1,9 +1,9 @@
 """Hostile battery: programs that try to crash, escape, outlast or fool the executor. One test per program.
 
 Every program is graded against `assert Solution().add(a = 2, b = 3) == 5` (or a call of its own) and must:
-not be graded correct, leave the grading process alive, leave no process of the job's uid and no file behind,
-use at most the CPU limit (plus a margin) and end within the wall-clock backstop's hard cap. Short limits (1 s of
-CPU) keep the battery fast. The battery runs only where the strict isolation level is verified; elsewhere it is
+not be graded correct, never be an infrastructure error, leave the grading process alive, leave no process of the
+job's uid and no file behind, use at most the CPU limit (plus a margin) and end within the wall-clock backstop's
+hard cap. Short limits (1 s of CPU) keep the battery fast. The battery runs only where the strict isolation level is verified; elsewhere it is
 skipped with the reason (`tests/test_sandbox_isolation.py` then checks that `execute` refuses).
 """
 
@@ -78,6 +78,9 @@ HOSTILE = {
     ),
     "huge_file_write": "with open('big', 'wb') as f:\n    while True:\n        f.write(b'z' * (1 << 20))\n",
     "fd_exhaustion": "fs = [open('/dev/null') for _ in range(10**5)]\n",
+    "thread_bomb": "import threading\nwhile True:\n    threading.Thread(target=time.sleep, args=(30,)).start()\n",
+    "fork_bomb_then_exit": "for _ in range(100):\n    try:\n        if os.fork() == 0:\n            time.sleep(30)\n"
+                           "    except OSError:\n        break\nos._exit(0)\n",
     "read_stdin": "input()\n",
     "huge_return_value": "class Solution:\n    def add(self, a, b):\n        return [0] * (10**7)\n",
     "cyclic_linked_list": (
@@ -115,6 +118,7 @@ def _run_hostile(body: str):
     correct, res = grade_correct(SETUP, body, GT, LIMITS)
     wall = time.monotonic() - t0
     assert not correct, (res.status, res.error)
+    assert res.status != "infra_error", res.error  # nothing a program does is an infrastructure error
     assert res.cpu_seconds <= LIMITS.timeout_s + CPU_MARGIN_S, res.cpu_seconds
     assert wall < 10 * LIMITS.wall_factor * LIMITS.timeout_s, wall  # the zygote's hard cap
     assert len(res.stdout.encode()) <= LIMITS.max_output_bytes and len(res.stderr.encode()) <= LIMITS.max_output_bytes
