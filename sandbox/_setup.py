@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 
+import _cgroup
 import _isolation
 import _seccomp
 
@@ -87,7 +88,7 @@ def _start_init(seccomp) -> int:
 def _strict(server, config: dict, root_user: bool) -> dict:
     """Namespaces, cgroup, seccomp, minimal root, PID namespace. Returns what the probe should expect."""
     if root_user:
-        server.cgroup = _step("cgroup (memory and pids controllers)", _isolation.JobCgroup.create)
+        server.cgroup = _step("cgroup (memory and pids controllers)", _cgroup.JobCgroup.create)
     pyseccomp = _step("seccomp (pyseccomp and libseccomp)", _load_pyseccomp, config.get("pyseccomp"),
                       config.get("libraries", {}))
     bpf, skipped = _step("seccomp filter", _seccomp.build_bpf, pyseccomp)
@@ -115,7 +116,7 @@ def _strict(server, config: dict, root_user: bool) -> dict:
     tops = {p.split("/")[1] for p in (*plan.binds, *plan.devices, *plan.symlinks)} | {"dev", "proc", "tmp"}
     cgroups = []
     if server.cgroup is not None:
-        rel = f"/{_isolation.CGROUP_NAME}/z{os.getpid()}"
+        rel = f"/{_cgroup.CGROUP_NAME}/z{os.getpid()}"
         cgroups = [["", rel]] if server.cgroup.v2 else [["memory", rel], ["pids", rel]]
     return {"strict": True, "uid": ctx.uid, "skipped_syscalls": skipped, "absent": absent, "top_level": sorted(tops),
             "mount_points": ["/", "/proc", "/tmp", *bound], "writable_mounts": ["/proc", "/tmp", *plan.devices],

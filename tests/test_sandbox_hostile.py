@@ -3,8 +3,9 @@
 Every program is graded against `assert Solution().add(a = 2, b = 3) == 5` (or a call of its own) and must:
 not be graded correct, never be an infrastructure error, leave the grading process alive, leave no process of the
 job's uid and no file behind, use at most the CPU limit (plus a margin) and end within the wall-clock backstop's
-hard cap. Short limits (1 s of CPU) keep the battery fast. The battery runs only where the strict isolation level is verified; elsewhere it is
-skipped with the reason (`tests/test_sandbox_isolation.py` then checks that `execute` refuses).
+hard cap. Short limits (1 s of CPU) keep the battery fast. The battery runs only where the strict isolation level
+is verified; elsewhere it is skipped with the reason (`tests/test_sandbox_isolation.py` then checks that `execute`
+refuses).
 """
 
 from __future__ import annotations
