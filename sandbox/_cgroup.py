@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 CGROUP_NAME = "routed_grpo_sandbox"
+_SLACK = 32 << 20
 
 
 class JobCgroup:
@@ -75,9 +76,12 @@ class JobCgroup:
             os.write(fd, b"0")
 
     def set_limits(self, memory_bytes: int, pids: int) -> None:
-        """Before a job: memory = what is charged now (the zygote's own growth, cache) + the job's allowance;
-        processes = the job's + the zygote + its reaper."""
+        """Before a job: memory = what is charged now (the zygote's own growth, cache) + the job's allowance, give or
+        take `_SLACK` (rewriting the limit makes the kernel drain per-CPU charge caches on every CPU, which slowed
+        concurrent jobs when done for each); processes = the job's + the zygote + its reaper."""
         memory = int(os.pread(self._fds["usage"], 64, 0)) + memory_bytes
+        if abs(memory - self._limits.get("limit", 0)) <= _SLACK:
+            memory = self._limits["limit"]
         order = [("limit", memory), ("memsw", memory)]  # v1: memory+swap may never be below memory
         if memory > self._limits.get("limit", 1 << 62):
             order.reverse()
