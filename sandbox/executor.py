@@ -42,10 +42,12 @@ them with expected values that never enter the child. For a `script` (HumanEval 
 run in the child, so code that patches what `check` uses (builtins, `AssertionError`) can fake `script_ok`.
 
 How it runs: a pre-warmed fork server ("zygote", `_zygote.py`, one per worker thread) sets up its isolation once
-(`_setup.py`, `_isolation.py`) and forks one child per program (`_harness.py`); stdout/stderr are captured and
-capped at `max_output_bytes`. Not covered: programs cannot import site-packages; the seccomp filter is a deny list;
-without root there is no cgroup (memory is bounded per process by RLIMIT_AS, processes by RLIMIT_NPROC in the user
-namespace); for `script` jobs see above.
+(`_setup.py`, `_isolation.py`, `_cgroup.py`, `_seccomp.py`) and checks it (`_probe.py`), then forks one child per
+program (`_harness.py`); stdout/stderr are captured and capped at `max_output_bytes`.
+
+Not covered: programs cannot import site-packages; the seccomp filter is a deny list; without root there is no
+cgroup (memory is bounded per process by RLIMIT_AS, processes by RLIMIT_NPROC in the user namespace, and the
+private /tmp by its 2 GiB size); the system library directories are bound whole; for `script` jobs see above.
 """
 
 from __future__ import annotations
