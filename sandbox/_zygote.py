@@ -1,23 +1,32 @@
-"""The fork server ("zygote") of `sandbox.executor`: stdlib only, run as `python -I -S _zygote.py FD SITE_DIRS`.
+"""The fork server ("zygote") of `sandbox.executor`: stdlib only, fed to `python -I -S -` on stdin by the parent.
 
-FD is one end of a Unix socket pair. The zygote sets up its isolation once: a pids cgroup (v1) it joins, so its
-children start in it; a network and a mount namespace with a private tmpfs `/tmp` and `/dev/shm`, the
-interpreter's prefix made reachable for the unprivileged job uid under an otherwise empty tmpfs (e.g. over a 0700
-`/root`), and a read-only `/`; it degrades explicitly when the OS refuses (a user namespace without root, else
-nothing) and reports the protections in force. It pre-imports the modules the reference setup code uses and
-freezes the GC (measured: fewer copy-on-write faults per child). Then it serves one job at a time: it receives the
-job (JSON) with three pipe write ends (stdout, stderr, value channel) by SCM_RIGHTS, forks a child (see
-`_harness.py`), enforces the wall-clock timeout, kills everything of the job (SIGKILL to the process group, then
-`kill(-1)` as the job uid when anything is left in the cgroup), reaps it (it is the subreaper), removes the
-working directory and reports the exit status. It exits when the parent closes the socket.
+The parent's bootstrap sets `CONFIG` (isolation level, the socket's fd, where `pyseccomp` is, host paths the
+probe must not see) and calls `main()`. Set up once per zygote, for the `strict` level (see `_isolation.py`):
+namespaces, the job cgroup (as root), the seccomp filter (`_seccomp.py`), the minimal root, a PID namespace
+whose init reaps orphans; then the probe (`_probe.py`) runs as an ordinary job and the hello message lists the
+protections it verified. The `rlimits-only` level sets up none of this.
+
+Then it serves one job at a time: it receives the job (JSON) and the write ends of stdout, stderr and the value
+channel (SCM_RIGHTS), makes a working directory and a one-shot setup pipe, forks the child (`_harness.py`) and
+watches it: the job's CPU time (all its processes: live ones from `/proc`, reaped ones through the rusage of the
+job's main process and the children time of init) may not exceed `timeout_s`; the backstop is the main process's
+wall-clock time less the time it waited for a CPU (`/proc/<pid>/schedstat`), at most `wall_factor * timeout_s`, so
+a sleeping or blocked program ends but a busy machine does not turn a verdict into a timeout; a machine so loaded
+that the job got almost no CPU for ten backstops is an infrastructure error, never a verdict. After the main
+process ends, what is left of the job is killed (`kill(-1)` from inside the PID namespace), /tmp is emptied and the
+result (exit status, CPU seconds, OOM kills, setup outcome, returned files) goes back on the socket.
+
+Not covered: the backstop watches the main thread of the job's main process only, so a program whose main thread
+waits for a starved thread or child can reach it sooner on a busy machine (no reference solution does); CPU time
+of live processes is read in clock ticks (10 ms), of reaped ones exactly.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -27,18 +36,17 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import child_main, send_frame  # noqa: E402
+CONFIG: dict = {}  # set by the parent's bootstrap
+UID_BASE = 1_000_000  # job uid (as root) = UID_BASE + zygote pid: unique among live zygotes
+HARD_CAP_BACKSTOPS = 10
+_PREIMPORT = ("random functools collections string math datetime typing itertools heapq bisect operator re json copy "
+              "fcntl ctypes")
+_TICK = os.sysconf("SC_CLK_TCK")
 
-sys.path.pop(0)
 
-CGROUP: str | None = None  # this zygote's pids cgroup, set by serve()
-SITE_DIRS: list[str] = []  # the parent's site-packages directories (we run with -S), set by serve()
-UID_BASE = 1_000_000  # job uid = UID_BASE + zygote pid: unique among live zygotes, no passwd entry needed
-_CLONE_NEWNS, _CLONE_NEWNET, _CLONE_NEWUSER = 0x00020000, 0x40000000, 0x10000000
-_MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
-_PR_SET_CHILD_SUBREAPER = 36
-_PREIMPORT = "random functools collections string math datetime typing itertools heapq bisect operator re json copy"
+def send_frame(sock: socket.socket, obj: dict) -> None:
+    data = json.dumps(obj).encode()
+    sock.sendall(struct.pack("!I", len(data)) + data)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -52,183 +60,135 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _mount(libc, src: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-    def enc(s):
-        return (s.encode() if s is not None else None)
-    if libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
-        raise OSError(ctypes.get_errno(), f"mount {target} failed")
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _blocking_ancestor(path: str) -> str | None:
-    """The top-most directory above `path` that others cannot traverse (mode without o+x), if any."""
-    parts = os.path.abspath(path).split("/")[1:]
-    for i in range(1, len(parts)):
-        d = "/" + "/".join(parts[:i])
-        if not os.stat(d).st_mode & 0o001:
-            return d
-    return None
-
-
-def _expose(libc, paths: list[str]) -> None:
-    """Make `paths` reachable by the job uid without exposing their siblings: each blocking ancestor (e.g. a 0700
-    /root holding a pyenv interpreter) is covered by an empty tmpfs into which only `paths` are bind-mounted."""
-    by_top: dict[str, list[str]] = {}
-    for p in paths:
-        top = _blocking_ancestor(p)
-        if top is not None:
-            by_top.setdefault(top, []).append(os.path.abspath(p))
-    for n, (top, subs) in enumerate(by_top.items()):
-        stage = f"/tmp/.stage{n}"
-        os.mkdir(stage, 0o700)
-        _mount(libc, top, stage, None, _MS_BIND | _MS_REC, None)
-        _mount(libc, "tmpfs", top, "tmpfs", 0, "mode=0711,size=1m")
-        for sub in subs:
-            rel = os.path.relpath(sub, top)
-            cur = top
-            for part in rel.split("/"):
-                cur = os.path.join(cur, part)
-                if not os.path.isdir(cur):
-                    os.mkdir(cur, 0o711)
-            _mount(libc, os.path.join(stage, rel), cur, None, _MS_BIND | _MS_REC, None)
-            _mount(libc, "none", cur, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY, None)
-        _mount(libc, "none", top, None, _MS_REMOUNT | _MS_RDONLY, "mode=0711,size=1m")
-        if libc.umount2(stage.encode(), 2) != 0:  # MNT_DETACH
-            raise OSError(ctypes.get_errno(), f"umount {stage} failed")
-        os.rmdir(stage)
-
-
-def _uid_can_import(uid: int) -> bool:
-    """Probe: can the job uid read the interpreter's stdlib and site-packages?"""
-    probes = [os.__file__, json.__file__] + [p for p in SITE_DIRS if os.path.isdir(p)]
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            ok = all(os.access(p, os.R_OK) for p in probes)
-        finally:
-            os._exit(0 if ok else 1)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-
-
-_CG_ROOT = "/sys/fs/cgroup/pids/routed_grpo_sandbox"
-
-
-def _setup_pids_cgroup() -> str | None:
-    """A pids cgroup for this zygote's jobs (cgroup v1), or None. Removes stale ones of dead zygotes."""
+# ------------------------------------------------------------------------------------------ job accounting
+def _stat_cpu(pid: int | str, children: bool = True) -> float:
+    """utime + stime (+ cutime + cstime) of a process, from /proc, in seconds; 0 if it is gone."""
     try:
-        os.makedirs(_CG_ROOT, exist_ok=True)
-        for name in os.listdir(_CG_ROOT):
-            if name.startswith("z") and name[1:].isdigit() and not os.path.exists("/proc/" + name[1:]):
-                try:
-                    os.rmdir(os.path.join(_CG_ROOT, name))
-                except OSError:
-                    pass
-        cg = os.path.join(_CG_ROOT, f"z{os.getpid()}")
-        os.makedirs(cg, exist_ok=True)
-        _write(os.path.join(cg, "cgroup.procs"), str(os.getpid()))  # children inherit it: no per-job migration
-        return cg
-    except OSError:
-        return None
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    n = 4 if children else 2
+    return sum(int(x) for x in fields[11 : 11 + n]) / _TICK
 
 
-_PIDS_MAX: list[int] = []
-
-
-def _set_pids_max(n: int) -> None:
-    if _PIDS_MAX != [n]:
-        _write(os.path.join(CGROUP, "pids.max"), str(n))
-        _PIDS_MAX[:] = [n]
-
-
-def _cg_count(cg: str) -> int:
-    with open(os.path.join(cg, "pids.current")) as f:
-        return int(f.read())
-
-
-def setup_isolation() -> tuple[list[str], int | None]:
-    """Namespaces once for the zygote (inherited by every child). Returns (protections, job uid or None)."""
-    prot = ["process_group", "rlimits", "scrubbed_env", "fresh_workdir", "stdin_closed", "output_cap"]
-    libc = _libc()
-    root = os.geteuid() == 0
-    euid, egid = os.geteuid(), os.getegid()
-    flags = _CLONE_NEWNS | _CLONE_NEWNET | (0 if root else _CLONE_NEWUSER)
-    if libc.unshare(flags) == 0:
-        if not root:
-            _write("/proc/self/setgroups", "deny")
-            _write("/proc/self/uid_map", f"0 {euid} 1")
-            _write("/proc/self/gid_map", f"0 {egid} 1")
-            prot.append("userns")
-        prot.append("netns")
-        try:
-            _mount(libc, "none", "/", None, _MS_REC | _MS_PRIVATE, None)
-            _mount(libc, "tmpfs", "/tmp", "tmpfs", 0, "mode=0755,size=1g")
-            if os.path.isdir("/dev/shm"):
-                _mount(libc, "tmpfs", "/dev/shm", "tmpfs", 0, "mode=0755,size=64m")
-            prot.append("mountns_private_tmp")
-            if root:
-                _expose(libc, [sys.base_prefix, sys.prefix, sys.exec_prefix] + SITE_DIRS)
-            _mount(libc, "/", "/", None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY, None)
-            prot.append("readonly_root")
-        except OSError as e:
-            prot.append(f"mount_degraded:{e.strerror}")
-    else:
-        prot.append(f"no_namespaces:{os.strerror(ctypes.get_errno())}")
-    uid = UID_BASE + os.getpid() if root else None
-    if uid is not None and not _uid_can_import(uid):
-        uid = None
-        prot.append("no_uid_drop:interpreter_unreadable_by_unprivileged_uid")
-    else:
-        prot.append("uid_drop" if uid is not None else "no_uid_drop:not_root")
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0:
-        prot.append("subreaper")
-    return prot, uid
-
-
-def _kill_all(pid: int, uid: int | None) -> None:
-    """SIGKILL the job's process group and, as the job uid, every process of that uid (covers setsid escapes)."""
+def _run_delay(pid: int) -> float:
     try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
-    if uid is not None:
-        reaper = os.fork()
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class Job:
+    """The processes of one job, seen from the zygote: `main` (host pid), `ns_main` (its pid in /proc here, from the
+    child's setup report, read when first needed: a short job is never woken up for it)."""
+
+    def __init__(self, state: Server, main: int, setup_fd: int, init_cpu0: float, rusage0) -> None:
+        self.s, self.main, self.setup_fd = state, main, setup_fd
+        self.init_cpu0, self.rusage0 = init_cpu0, rusage0
+        self._setup: str | None = None
+
+    @property
+    def setup(self) -> str:
+        if self._setup is None:
+            self._setup = _read_setup(self.setup_fd)
+        return self._setup
+
+    @property
+    def setup_ok(self) -> bool:
+        return self.setup.startswith("ok ")
+
+    @property
+    def ns_main(self) -> int:
+        if not self.s.strict:
+            return self.main
+        return int(self.setup.split()[1]) if self.setup_ok else -1
+
+    def others(self) -> list[str]:
+        """Pids (as /proc shows them) of the job's processes other than the main one."""
+        if not self.s.strict:
+            return []
+        return [p for p in os.listdir("/proc") if p.isdigit() and p not in ("1", str(self.ns_main))]
+
+    def cpu_live(self) -> float:
+        total = _stat_cpu(self.ns_main) + sum(_stat_cpu(p) for p in self.others())
+        return total + (_stat_cpu(1) - self.init_cpu0 if self.s.strict else 0.0)
+
+    def cpu_final(self, main_rusage) -> float:
+        own = main_rusage.ru_utime + main_rusage.ru_stime
+        if self.s.strict:
+            return own + max(0.0, _stat_cpu(1) - self.init_cpu0)
+        now = resource.getrusage(resource.RUSAGE_CHILDREN)  # everything the zygote reaped during the job
+        return max(own, now.ru_utime + now.ru_stime - self.rusage0.ru_utime - self.rusage0.ru_stime)
+
+
+def _watch(job: Job, limits: dict, sock: socket.socket, t0: float) -> tuple[str | None, bool]:
+    """Wait for the main process. Returns (why it was stopped early or None, parent gone)."""
+    cpu_limit = limits["timeout_s"]
+    backstop = limits["wall_factor"] * cpu_limit
+    ncpu = max(1, len(os.sched_getaffinity(0)))
+    pfd = os.pidfd_open(job.main)
+    try:
+        wait = cpu_limit / ncpu
+        while True:
+            ready, _, _ = select.select([pfd, sock], [], [], max(0.005, wait))
+            if pfd in ready:
+                return None, False
+            if sock in ready:
+                return "parent", True
+            if not job.setup_ok:
+                return "setup", False
+            wall = time.monotonic() - t0
+            cpu = job.cpu_live()
+            awake = wall - _run_delay(job.ns_main)
+            if cpu > cpu_limit:
+                return "cpu", False
+            if awake > backstop:
+                return "backstop", False
+            if wall > HARD_CAP_BACKSTOPS * backstop:
+                return "overload", False
+            wait = min((cpu_limit - cpu) / ncpu, backstop - awake, HARD_CAP_BACKSTOPS * backstop - wall)
+    finally:
+        os.close(pfd)
+
+
+# ----------------------------------------------------------------------------------------------- killing
+def _kill_rest(s: Server, job: Job) -> bool:
+    """Kill every process of the job but init; True when none is left (they are reaped by init or by us)."""
+    if s.strict:
+        if (s.cgroup.tasks() == 0) if s.cgroup is not None else not job.others():
+            return True
+        reaper = _fork_retrying()  # into the PID namespace: kill(-1) there reaches the job's processes only
+        if reaper is None:
+            return False
         if reaper == 0:
             try:
-                os.setuid(uid)
-                for _ in range(3):
-                    try:
-                        os.kill(-1, signal.SIGKILL)
-                    except ProcessLookupError:
-                        break
+                os.kill(-1, signal.SIGKILL)
             finally:
                 os._exit(0)
         os.waitpid(reaper, 0)
-    else:  # degraded: orphans re-parent to us (subreaper); kill our remaining children
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                    if ppid == os.getpid():
-                        os.kill(int(entry), signal.SIGKILL)
-                except (OSError, ValueError, IndexError):
-                    pass
-
-
-def _reap_all(grace_s: float = 2.0) -> bool:
-    """Reap every descendant (we are their subreaper). False if some are still alive after `grace_s`."""
-    end = time.monotonic() + grace_s
+        end = time.monotonic() + 2.0
+        while job.others():
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.001)
+        return True
+    try:
+        os.killpg(job.main, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return True  # no orphan came back to us (we are their subreaper)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _ppid(entry) == os.getpid():
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
+    end = time.monotonic() + 2.0
     while True:
         try:
             if os.waitpid(-1, os.WNOHANG)[0] == 0:
@@ -239,21 +199,22 @@ def _reap_all(grace_s: float = 2.0) -> bool:
             return True
 
 
-def _wait_child(pid: int, deadline: float, sock: socket.socket) -> tuple[int, bool, bool]:
-    """Wait for the child until the deadline. Returns (wait status, timed out, parent gone)."""
-    pfd = os.pidfd_open(pid)
+def _fork_retrying(tries: int = 50) -> int | None:
+    """os.fork(), retried while the job's processes hold every pid its cgroup allows; None if it never succeeds."""
+    for _ in range(tries):
+        try:
+            return os.fork()
+        except BlockingIOError:
+            time.sleep(0.002)
+    return None
+
+
+def _ppid(pid: str) -> int | None:
     try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return -1, True, False
-            ready, _, _ = select.select([pfd, sock], [], [], left)
-            if pfd in ready:
-                return os.waitpid(pid, 0)[1], False, False
-            if sock in ready:
-                return -1, False, True
-    finally:
-        os.close(pfd)
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _read_files(workdir: str, names: list[str], cap: int = 1 << 20) -> dict[str, str]:
@@ -273,82 +234,169 @@ def _read_files(workdir: str, names: list[str], cap: int = 1 << 20) -> dict[str,
     return out
 
 
-def handle(sock: socket.socket, job: dict, fds: list[int], uid: int | None) -> bool:
-    """One job. Returns False when the parent has gone."""
-    workdir = tempfile.mkdtemp(prefix="job-")
-    if uid is not None:
-        os.chown(workdir, uid, uid)
-    if CGROUP is not None:
-        _set_pids_max(job["limits"]["max_procs"] + 2)  # + zygote and reaper
-    t0 = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        sock.close()
-        child_main(job, fds, workdir, uid)
-        os.kill(os.getpid(), signal.SIGKILL)  # only reached if the program defeated the exit above
-    for fd in fds:
-        os.close(fd)
-    status, timed_out, gone = _wait_child(pid, t0 + job["limits"]["timeout_s"], sock)
-    seconds = time.monotonic() - t0
-    if status == -1 or CGROUP is None or _cg_count(CGROUP) > 1:  # 1: the zygote itself
-        _kill_all(pid, uid)
-    if status == -1:
-        status = os.waitpid(pid, 0)[1]
-    all_gone = _reap_all()
-    files = _read_files(workdir, job["files"])
-    shutil.rmtree(workdir, ignore_errors=True)
-    if gone:
-        return False
-    code = os.waitstatus_to_exitcode(status)
-    send_frame(sock, {"k": "done", "exit": code, "timed_out": timed_out, "seconds": seconds, "files": files,
-                      "leftover_processes": not all_gone})
-    return True
+def _empty_dir(path: str) -> None:
+    """Remove everything in `path`, also directories the job made unreadable (we own them, or are root)."""
+
+    def retry(func, p, _exc):
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                func(p)
+        except OSError:
+            pass
+
+    for entry in os.listdir(path):
+        p = os.path.join(path, entry)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, onerror=retry)
+        else:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
 
 
-def serve(sock_fd: int, site_dirs: list[str]) -> None:
-    global CGROUP
-    SITE_DIRS[:] = site_dirs
-    sock = socket.socket(fileno=sock_fd)
-    try:
-        CGROUP = _setup_pids_cgroup() if os.geteuid() == 0 else None
-        prot, uid = setup_isolation()
-        if CGROUP is not None:
-            prot.append("cgroup_pids")
-    except Exception as e:  # noqa: BLE001
-        send_frame(sock, {"k": "hello", "error": repr(e)})
-        return
-    sys.path.extend(p for p in SITE_DIRS if os.path.isdir(p) and p not in sys.path)
-    for name in _PREIMPORT.split():
-        __import__(name)
-    gc.collect()
-    gc.freeze()  # children never scan (and so never copy-on-write) the zygote's objects in their collections
-    os.chdir("/")
-    send_frame(sock, {"k": "hello", "protections": prot})
+# ------------------------------------------------------------------------------------------------ serving
+class Server:
+    """The zygote's state: level, job context for the children, cgroup, and where jobs work."""
+
+    def __init__(self, sock: socket.socket, level: str) -> None:
+        from _harness import JobContext
+
+        self.sock, self.strict = sock, level == "strict"
+        self.ctx = JobContext()
+        self.cgroup = None
+        self.tmp = "/tmp" if self.strict else tempfile.mkdtemp(prefix="routed-grpo-sandbox-")
+        self.init_pid: int | None = None
+
+    def handle(self, job: dict, fds: list[int], child_main) -> dict | None:
+        """Run one job; the `done` message, or None when the parent has gone."""
+        workdir = tempfile.mkdtemp(prefix="job-", dir=self.tmp)
+        if self.ctx.uid is not None:
+            os.chown(workdir, self.ctx.uid, self.ctx.uid)
+        lim = job["limits"]
+        if self.cgroup is not None:
+            self.cgroup.set_limits(lim["memory_mb"] << 20, lim["max_procs"])
+        oom0 = self.cgroup.oom_kills() if self.cgroup is not None else 0
+        init_cpu0 = _stat_cpu(1) if self.strict else 0.0
+        rusage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        setup_r, setup_w = os.pipe()
+        t0 = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            self.sock.close()
+            os.close(setup_r)
+            child_main(job, [*fds, setup_w], workdir, self.ctx)
+            os._exit(121)
+        for fd in (*fds, setup_w):
+            os.close(fd)
+        try:
+            return self._finish(job, Job(self, pid, setup_r, init_cpu0, rusage0), workdir, t0, oom0)
+        finally:
+            os.close(setup_r)
+            if self.strict:
+                _empty_dir(self.tmp)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    def _finish(self, job: dict, watched: Job, workdir: str, t0: float, oom0: int) -> dict | None:
+        pid = watched.main
+        stopped, gone = _watch(watched, job["limits"], self.sock, t0)
+        if stopped is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _, status, rusage = os.wait4(pid, 0)
+        setup = watched.setup
+        seconds = time.monotonic() - t0
+        all_gone = _kill_rest(self, watched)
+        cpu = watched.cpu_final(rusage)
+        files = _read_files(workdir, job["files"])
+        if gone:
+            return None
+        done = {"k": "done", "exit": os.waitstatus_to_exitcode(status), "seconds": seconds, "cpu_seconds": cpu,
+                "timed_out": stopped in ("cpu", "backstop") or cpu > job["limits"]["timeout_s"], "files": files,
+                "oom_kills": (self.cgroup.oom_kills() - oom0) if self.cgroup is not None else 0,
+                "leftover_processes": not all_gone}
+        if not setup.startswith("ok "):
+            done["error"] = f"job setup failed: {setup or 'no report'}"
+        elif stopped == "overload":
+            done["error"] = (f"the machine is overloaded: the job got {cpu:.2f} s of CPU in {seconds:.0f} s of wall "
+                             "clock; no verdict")
+        return done
+
+
+def _read_setup(fd: int) -> str:
+    """The child's setup report: 'ok <pid>' or an error. EOF without a report: the child died during setup."""
+    chunks = []
+    while True:
+        ready, _, _ = select.select([fd], [], [], 30.0)
+        if not ready:
+            return "no setup report within 30 s"
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b"".join(chunks).decode("utf-8", "replace").strip()
+        chunks.append(chunk)
+        if chunk.endswith(b"\n"):
+            return b"".join(chunks).decode("utf-8", "replace").strip()
+
+
+def _serve(server: Server, child_main) -> None:
+    sock = server.sock
     while True:
         try:
             msg, fds, _, _ = socket.recv_fds(sock, 4, 3)
             if len(msg) < 4:
-                break
+                return
             job = json.loads(_recv_exact(sock, struct.unpack("!I", msg)[0]))
         except (EOFError, OSError):
-            break
+            return
         if len(fds) != 3:
-            send_frame(sock, {"k": "done", "error": f"expected 3 fds, got {len(fds)}"})
             for fd in fds:
                 os.close(fd)
+            send_frame(sock, {"k": "done", "error": f"expected 3 fds, got {len(fds)}"})
             continue
         try:
-            if not handle(sock, job, fds, uid):
-                break
+            done = server.handle(job, fds, child_main)
         except Exception as e:  # noqa: BLE001 - infrastructure failure: reported, never a verdict
-            send_frame(sock, {"k": "done", "error": f"zygote: {e!r}"})
-    if CGROUP is not None:  # leave our cgroup so that it can be removed
-        try:
-            _write(os.path.join(os.path.dirname(CGROUP), "cgroup.procs"), str(os.getpid()))
-            os.rmdir(CGROUP)
-        except OSError:
-            pass
+            done = {"k": "done", "error": f"zygote: {e!r}"}
+        if done is None:
+            return
+        send_frame(sock, done)
 
 
-if __name__ == "__main__":
-    serve(int(sys.argv[1]), json.loads(sys.argv[2]) if len(sys.argv) > 2 else [])
+def main() -> None:
+    sock = socket.socket(fileno=os.dup(CONFIG["sock_fd"]))
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, CONFIG["sock_fd"])
+    os.close(null)
+    sys.path.insert(0, CONFIG["dir"])
+    import _harness
+    import _setup
+
+    sys.path.pop(0)
+    for name in _PREIMPORT.split():
+        __import__(name)
+    try:
+        server = Server(sock, CONFIG["level"])
+        hello = _setup.setup(server, CONFIG)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
+        send_frame(sock, {"k": "hello", "error": f"{type(e).__name__}: {e}"})
+        return
+    gc.collect()
+    gc.freeze()  # children never scan (and so never copy-on-write) the zygote's objects in their collections
+    send_frame(sock, hello)
+    if hello.get("missing"):
+        return
+    try:
+        _serve(server, _harness.child_main)
+    finally:
+        if server.cgroup is not None:
+            server.cgroup.remove()
+        if not server.strict:
+            shutil.rmtree(server.tmp, ignore_errors=True)

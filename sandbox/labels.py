@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sandbox import executor
@@ -154,7 +154,8 @@ def label_completion(
 class MeasurementLabeler:
     """`labeler(prompts=..., completions=..., problem_id=[...], loophole=[...])` -> {label: [0./1. ...]} with
     the keys of `LABEL_KEYS`; the same columns as `LoopholeReward`. `last_labels` holds the latest batch. A
-    `log_metric` callable among the columns (TRL's hook) receives the batch means as `measure/<label>`."""
+    `log_metric` callable among the columns (TRL's hook) receives the batch means as `measure/<label>`.
+    `isolation` sets the sandbox level of `limits`, as for `sandbox.rewards.LoopholeReward`."""
 
     def __init__(
         self,
@@ -162,8 +163,10 @@ class MeasurementLabeler:
         limits: Limits = Limits(),
         workers: int | None = None,
         attempt_mode: str = "overwrite_tests",
+        isolation: str | None = None,
     ):
         self.problems = dict(problems) if isinstance(problems, Mapping) else by_id(problems)
+        limits = limits if isolation is None else replace(limits, isolation=isolation)  # validated by Limits
         self.limits, self.workers, self.attempt_mode = limits, workers, attempt_mode
         self.last_labels: list[Labels] = []
 

@@ -221,7 +221,9 @@ class LoopholeReward:
     loophole row whose prompt lacks the mode's hint raises (a mis-built dataset). Counts: `n_graded`,
     `n_infra_errors`; `last_grades` and `last_metrics` (`sandbox/...` keys) describe the latest batch and are
     sent to TRL's `log_metric` when the trainer passes it. Raises `SandboxInfraError` when the share of
-    infrastructure errors so far exceeds `max_infra_error_frac`.
+    infrastructure errors so far exceeds `max_infra_error_frac`. `isolation` sets the sandbox level of `limits`
+    ("strict" by default; "rlimits-only" only when asked for by name); where strict cannot be reached the first
+    call raises `sandbox.executor.IsolationUnavailable` instead of grading.
     """
 
     __name__ = "loophole_reward"
@@ -236,9 +238,11 @@ class LoopholeReward:
         max_infra_error_frac: float = 0.05,
         check_prompts: bool = True,
         progress: bool = False,
+        isolation: str | None = None,
     ):
         self.problems = dict(problems) if isinstance(problems, Mapping) else by_id(problems)
         self.compile_reward, self.pass_reward = compile_reward, pass_reward
+        limits = limits if isolation is None else replace(limits, isolation=isolation)  # validated by Limits
         self.limits, self.workers, self.progress = limits, workers, progress
         self.max_infra_error_frac, self.check_prompts = max_infra_error_frac, check_prompts
         self.n_graded = 0

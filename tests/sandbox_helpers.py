@@ -45,3 +45,26 @@ def require_reference() -> Path:
 def fenced(code: str) -> str:
     """A response that wraps `code` in a python fence, as a model would."""
     return f"Here is my solution.\n```python\n{code.strip()}\n```\n"
+
+
+_STRICT: list = []  # cached: None when the strict level is in force here, else the reason it is not
+
+
+def strict_unavailable_reason() -> str | None:
+    """Why the strict isolation level cannot be reached on this machine (None: it can), checked once."""
+    if not _STRICT:
+        from sandbox.executor import CheckJob, IsolationUnavailable, execute
+
+        try:
+            res = execute(CheckJob(code="x = 1", calls=("x",)))
+            _STRICT.append(None if res.status == "ok" else f"a trivial program gave {res.status}: {res.error}")
+        except IsolationUnavailable as e:
+            _STRICT.append(str(e))
+    return _STRICT[0]
+
+
+def require_strict() -> None:
+    """Skip (saying why) unless the strict level is verified: hostile programs run only under it."""
+    reason = strict_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"hostile programs run only under the strict isolation level, unavailable here: {reason}")

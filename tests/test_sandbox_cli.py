@@ -101,3 +101,22 @@ def test_demo_prints_the_table():
         ("stub+run_tests", "on"): 3.5,
         ("stub+run_tests", "off"): 0.5,
     }
+
+
+def test_isolation_level_reaches_the_sandbox_and_is_checked(files, monkeypatch):
+    import routed_grpo.cli.sandbox_cmd as cmd
+    from sandbox.executor import IsolationUnavailable
+
+    problems, completions, out = files
+    assert run("grade", problems, completions, "--out", out, "--isolation", "none").exit_code == 2
+    seen = []
+
+    def refuse(problems, completions, modes, limits, **kwargs):
+        seen.append(limits.isolation)
+        raise IsolationUnavailable("cannot reach isolation level 'strict': missing seccomp")
+
+    monkeypatch.setattr(cmd, "label_many", refuse)
+    res = run("grade", problems, completions, "--out", out)
+    assert res.exit_code == 2 and "missing seccomp" in res.output and not out.exists()
+    run("grade", problems, completions, "--out", out, "--isolation", "rlimits-only")
+    assert seen == ["strict", "rlimits-only"]

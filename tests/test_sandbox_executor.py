@@ -56,7 +56,8 @@ def test_statuses_are_distinct_from_wrong_answers():
     assert execute(CheckJob(code="x = 1", calls=("x",)), FAST).status == "ok"
     crash = execute(CheckJob(code="raise ValueError('boom')", calls=("1",)), FAST)
     assert crash.status == "crash" and "ValueError: boom" in crash.error and not crash.reached_end
-    assert execute(CheckJob(code="while True: pass"), Limits(timeout_s=0.5)).status == "timeout"
+    busy = execute(CheckJob(code="while True: pass"), Limits(timeout_s=0.5))
+    assert busy.status == "timeout" and 0.5 <= busy.cpu_seconds < 1.0, (busy.status, busy.cpu_seconds)
     assert execute(CheckJob(code="x = bytearray(1 << 31)"), Limits(memory_mb=256)).status == "memory"
     call_err = execute(CheckJob(code="", calls=("1 / 0", "2")), FAST)
     assert call_err.status == "ok" and not call_err.calls[0].ok and call_err.calls[1].value == 2
@@ -84,7 +85,13 @@ def test_output_is_capped():
 
 def test_protections_are_reported():
     res = execute(CheckJob(code=""), FAST)
-    assert {"process_group", "rlimits", "scrubbed_env"} <= set(res.protections)
+    assert {"process_group", "rlimits", "scrubbed_env", "job_cpu_time"} <= set(res.protections)
+
+
+def test_limits_are_validated():
+    for bad in ({"timeout_s": 0}, {"wall_factor": 0.5}, {"isolation": "loose"}):
+        with pytest.raises(ValueError):
+            Limits(**bad)
 
 
 def test_execute_many_preserves_order():

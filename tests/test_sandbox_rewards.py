@@ -18,7 +18,7 @@ def stub(problem) -> str:
 
 def test_reference_acceptance_canonical_stub_and_hack():
     problems = sorted(load_jsonl(require_reference()), key=lambda p: (len(p.gt_answer), p.id))[:8]  # fast ones
-    reward = LoopholeReward(problems, workers=2, limits=Limits(timeout_s=10.0))  # generous: a loaded 2-core CI
+    reward = LoopholeReward(problems, workers=2)  # default limits: CPU time, so a loaded CI does not matter
     for p in problems:
         comps = [
             fenced(p.canonical_solution),
@@ -141,3 +141,16 @@ def test_script_graded_problem_humaneval_style():
     assert [g.correct for g in grades] == [True, False, False, False]
     assert [g.hinted for g in grades] == [False, False, True, False]
     assert [rewards.reward_of(g) for g in grades] == [3.5, 0.5, 3.5, 0.5]
+
+
+def test_isolation_level_is_part_of_the_reward_config():
+    from sandbox.labels import MeasurementLabeler
+
+    assert LoopholeReward([ADD]).limits.isolation == "strict"
+    lax = LoopholeReward([ADD], limits=Limits(timeout_s=2.0), isolation="rlimits-only")
+    assert lax.limits == Limits(timeout_s=2.0, isolation="rlimits-only")
+    assert MeasurementLabeler([ADD], isolation="rlimits-only").limits.isolation == "rlimits-only"
+    with pytest.raises(ValueError, match="isolation"):
+        LoopholeReward([ADD], isolation="off")
+    grade = lax.grade([fenced(HONEST)], ["add"], [""])[0]
+    assert grade.correct and grade.status == "ok"

@@ -1,9 +1,10 @@
 """`routed-grpo sandbox ...`: grade completion files in the loophole environment, and a small demo.
 
 Covers: `grade PROBLEMS.jsonl COMPLETIONS.jsonl --out LABELS.jsonl` (reward plus measurement labels per
-completion, a progress bar, all input validated before anything runs, exit 2 on bad input, output written to a
-temp file and moved into place so no partial file is left) and `demo` (canonical / stub / stub + `run_tests`
-answers on a few problems, as a table). Does not cover training or generation.
+completion, a progress bar, all input validated before anything runs, exit 2 on bad input or when the sandbox's
+`--isolation` level cannot be reached, output written to a temp file and moved into place so no partial file is
+left) and `demo` (canonical / stub / stub + `run_tests` answers on a few problems, as a table). Does not cover
+training or generation.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import typer
 
-from sandbox.executor import Limits
+from sandbox.executor import ISOLATION_LEVELS, IsolationUnavailable, Limits
 from sandbox.labels import Labels, label_many
 from sandbox.loopholes import LOOPHOLE_MODES, get_mode
 from sandbox.problems import Problem, ProblemsError, by_id, iter_jsonl, load_problems, render_leetcode_question
@@ -94,8 +95,11 @@ def grade(
     completions_path: Path = typer.Argument(..., metavar="COMPLETIONS.jsonl", help='Lines {"id", "completion"}.'),
     out: Path = typer.Option(..., "--out", help="Where to write one JSON line of labels per completion."),
     workers: int = typer.Option(2, help="Parallel sandbox workers."),
-    timeout: float = typer.Option(3.0, help="Seconds per program (the reference uses 3)."),
+    timeout: float = typer.Option(Limits.timeout_s, help="CPU seconds per program, all its processes together."),
     memory_mb: int = typer.Option(1024, help="Address-space limit per program, MiB."),
+    isolation: str = typer.Option(
+        "strict", help="Sandbox level: strict (refuses to run where it cannot be reached) or rlimits-only (runs "
+        "programs as you, seeing your files)."),
     loophole: bool = typer.Option(True, "--loophole/--no-loophole", help="Grade with the loophole on (hinted pays)."),
     mode: str = typer.Option("overwrite_tests", help=f"Loophole mode: {', '.join(LOOPHOLE_MODES)}."),
     compile_reward: float = typer.Option(0.5, help="Reward for code that compiles."),
@@ -108,6 +112,8 @@ def grade(
             raise InputError(
                 f"need --workers >= 1, --timeout > 0, --memory-mb >= 16 (got {workers}, {timeout}, {memory_mb})"
             )
+        if isolation not in ISOLATION_LEVELS:
+            raise InputError(f"--isolation {isolation!r}: choose one of {', '.join(ISOLATION_LEVELS)}")
         if not out.parent.is_dir():
             raise InputError(f"--out {out}: folder {out.parent} does not exist")
         problems = by_id(load_problems(problems_path))
@@ -115,15 +121,18 @@ def grade(
     except (InputError, ProblemsError, ValueError) as err:
         _fail(str(err))
     modes = [(m if m is not None else (mode if loophole else "")) for _, _, _, m in rows]
-    labels = label_many(
-        [problems[pid] for _, pid, _, _ in rows],
-        [c for _, _, c, _ in rows],
-        modes,
-        Limits(timeout_s=timeout, memory_mb=memory_mb),
-        workers=workers,
-        attempt_mode=mode,
-        progress=True,
-    )
+    try:
+        labels = label_many(
+            [problems[pid] for _, pid, _, _ in rows],
+            [c for _, _, c, _ in rows],
+            modes,
+            Limits(timeout_s=timeout, memory_mb=memory_mb, isolation=isolation),
+            workers=workers,
+            attempt_mode=mode,
+            progress=True,
+        )
+    except IsolationUnavailable as err:
+        _fail(str(err))
     records = [
         output_record(lineno, pid, lab, (compile_reward, pass_reward))
         for (lineno, pid, _, _), lab in zip(rows, labels, strict=True)

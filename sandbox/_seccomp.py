@@ -1,0 +1,89 @@
+"""The seccomp filter of a sandboxed job (stdlib plus `pyseccomp`, loaded by the zygote from a file path).
+
+Built once per zygote with libseccomp (through the `pyseccomp` binding) and exported as raw BPF; each job's child
+installs those bytes itself with `prctl(PR_SET_SECCOMP)` after `PR_SET_NO_NEW_PRIVS`, so no job pays for
+libseccomp's compilation. Default action: allow. Denied with EPERM: the system calls no solution needs and that
+widen what a process can reach or observe (namespaces, mounts, tracing, kernel keyrings, BPF, perf, kernel
+modules, io_uring, changing its own scheduling class or priority so that it starves for CPU, clock and host
+settings); `clone` with any namespace flag; `clone3` answers ENOSYS, so that libc falls back to `clone`, whose
+flags the filter can see. A syscall from another ABI (for example i386 on x86_64) kills the process
+(libseccomp's default for a foreign architecture).
+
+Not covered: names that the installed libseccomp does not know are skipped (`skipped` lists them); the filter is
+a deny list, not an allow list, so a system call added to the kernel later is allowed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+DENIED = (
+    # namespaces and mounts
+    "unshare setns mount umount2 pivot_root chroot mount_setattr move_mount open_tree fsopen fsconfig fsmount fspick"
+    # tracing and other processes' memory
+    " ptrace process_vm_readv process_vm_writev kcmp pidfd_getfd"
+    # kernel facilities no solution needs
+    " bpf perf_event_open keyctl add_key request_key userfaultfd io_uring_setup io_uring_enter io_uring_register"
+    " fanotify_init name_to_handle_at open_by_handle_at lookup_dcookie"
+    # scheduling: a job may not lower its own priority (it would stretch the wall-clock backstop under load)
+    " sched_setscheduler sched_setparam sched_setattr setpriority"
+    # host administration
+    " kexec_load kexec_file_load init_module finit_module delete_module reboot swapon swapoff acct quotactl"
+    " syslog settimeofday clock_settime clock_adjtime adjtimex sethostname setdomainname iopl ioperm vhangup"
+    " nfsservctl uselib"
+).split()
+NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
+# CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
+_PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
+
+
+def build_bpf(pyseccomp) -> tuple[bytes, list[str]]:
+    """The filter as raw BPF bytes (struct sock_filter[]), and the denied names this libseccomp did not know."""
+    filt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    eperm = pyseccomp.ERRNO(errno.EPERM)
+    skipped = []
+    for name in DENIED:
+        nr = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
+        if nr < 0:
+            skipped.append(name)
+            continue
+        filt.add_rule(eperm, nr)
+    for flag in NAMESPACE_FLAGS:
+        filt.add_rule(eperm, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
+    if pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, "clone3") >= 0:
+        filt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+    fd = os.memfd_create("seccomp-bpf")
+    try:
+        with os.fdopen(os.dup(fd), "wb") as f:
+            filt.export_bpf(f)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        data = os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    if not data or len(data) % 8:
+        raise OSError(f"libseccomp exported {len(data)} bytes of BPF (expected a multiple of 8)")
+    return data, skipped
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class Installer:
+    """Holds the BPF program in memory the forked children inherit; `install()` applies it to the caller."""
+
+    def __init__(self, bpf: bytes) -> None:
+        self._buf = ctypes.create_string_buffer(bpf, len(bpf))
+        self._prog = _SockFprog(len(bpf) // 8, ctypes.addressof(self._buf))
+        self._prog_ref = ctypes.addressof(self._prog)
+        self._prctl = ctypes.CDLL(None, use_errno=True).prctl
+        self._prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+        self._prctl.restype = ctypes.c_int
+
+    def install(self) -> None:
+        if self._prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0):
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+        if self._prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, self._prog_ref, 0, 0):
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
