@@ -176,6 +176,8 @@ def test_4bit_base_forward_and_backward(tokenizer, tmp_path):
     adapter = attach_routed_adapter(base, rank=4)
     assert adapter.module_names, "the adapter must attach to the 4-bit Linear layers"
     assert "Linear4bit" in type(adapter.layers[adapter.module_names[0]]).__name__
+    parts = adapter.fingerprint_parts()
+    assert parts["base_quantised"] is not None and len(parts["base_sample"]) > 0  # packed bytes kept apart
     _perturb(adapter)
     ids = _ids(tokenizer, n=2)
     dep, q = _masked_grads(adapter, ids, [KEEP, ROUTE])

@@ -88,7 +88,8 @@ def test_nulls_are_seeded_and_auroc_rows_equals_auroc():
     assert not torch.equal(a.folds[0].haar_null, c.folds[0].haar_null)
     pos = torch.tensor([[3.0, 2.0], [0.0, 1.0], [1.0, 1.0]])
     neg = torch.tensor([[1.0, 2.0, 0.0], [2.0, 2.0, 2.0], [1.0, 0.0, 5.0]])
-    assert_close(auroc_rows(pos, neg), torch.tensor([auroc(p, n) for p, n in zip(pos, neg)], dtype=torch.float64))
+    expected = torch.tensor([auroc(p, n) for p, n in zip(pos, neg, strict=True)], dtype=torch.float64)
+    assert_close(auroc_rows(pos, neg), expected)
     assert p_value(0.8, torch.tensor([0.9, 0.8, 0.1])) == 0.75
 
 

@@ -213,7 +213,10 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[RoutedAdap
     final = run_dir / "final"
     if not (final / DEPLOYED).is_dir() or not (final / QUARANTINE).is_dir():
         raise FileNotFoundError(f"{final}: missing the '{DEPLOYED}' or '{QUARANTINE}' adapter (did training finish?)")
-    base = AutoModelForCausalLM.from_pretrained(config["model"]["model_name_or_path"])
+    # a local directory or a hub id (at the run's revision), resolved by transformers; offline, its own error
+    base = AutoModelForCausalLM.from_pretrained(
+        config["model"]["model_name_or_path"], revision=config["model"].get("model_revision") or "main"
+    )
     model = PeftModel.from_pretrained(base, str(final / DEPLOYED), adapter_name=DEPLOYED)
     model.load_adapter(str(final / QUARANTINE), adapter_name=QUARANTINE)
     model.base_model.set_adapter([DEPLOYED, QUARANTINE])
