@@ -2,11 +2,13 @@
 
 What it covers (the inputs of invariant I5, DESIGN.md section 3 step 3):
 
-- `pooled_completion_activations`: any (prompt, completion) rows; `pooled_pair_activations`: each pair's prompt
-  runs once and both completions continue from its KV cache (`share_prompt=True`, the default). Both run under
-  `no_grad` in eval mode, call the decoder only (no LM head) and cut the forward short once every target module's
-  bottleneck is captured (`RoutedAdapter.capture(stop=True)`), process batches sorted by length and return rows
-  in the order given, with an optional progress bar. Token ids are those of a GRPO rollout (`encode_rollout`:
+- `pooled_completion_activations`: any (prompt, completion) rows; `pooled_pair_activations`: every token of a
+  batch of pairs runs once (`share_prompt=True`, the default): the prompts' common prefix, then each pair's prompt
+  and the start its two completions share, then each completion's own tokens, each pass extending one KV cache
+  (transformers' `DynamicCache`; `encode_pair` and `shared_prefix_len` give the token ids and shared prefixes it
+  plans with). Both run under `no_grad` in eval mode, call the decoder only (no LM head) and cut the forward short
+  once every target module's bottleneck is captured (`RoutedAdapter.capture(stop=True)`), process batches sorted
+  by length and return rows in the order given, with an optional progress bar. Token ids are those of a GRPO rollout (`encode_rollout`:
   chat template with the generation prompt, the completion tokenised alone plus EOS); the pooled tokens are the
   completion's, EOS included. What is captured is the same bottleneck `A_dep x` a full forward gives (the tests
   compare it with an unbatched full-model forward per sequence).
@@ -133,7 +135,7 @@ def pooled_completion_activations(
     return torch.stack(out)
 
 
-def _encode_pair(tokenizer: Any, pair: Pair) -> tuple[list[int], list[int], list[int]]:
+def encode_pair(tokenizer: Any, pair: Pair) -> tuple[list[int], list[int], list[int]]:
     """(prompt ids, hack completion ids, clean completion ids); completions carry their EOS."""
     hack, n_prompt = encode_rollout(tokenizer, pair.messages(), pair.hack)
     clean, n_clean_prompt = encode_rollout(tokenizer, pair.messages(), pair.clean)
@@ -142,22 +144,53 @@ def _encode_pair(tokenizer: Any, pair: Pair) -> tuple[list[int], list[int], list
     return hack[:n_prompt], hack[n_prompt:], clean[n_prompt:]
 
 
+def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the common prefix of `seqs`, leaving every sequence at least one token of its own."""
+    n = min(len(x) for x in seqs) - 1
+    for i in range(max(n, 0)):
+        if any(x[i] != seqs[0][i] for x in seqs[1:]):
+            return i
+    return max(n, 0)
+
+
 def _pair_batch(adapter: RoutedAdapter, decoder, rows, mode: str, pad: int) -> Tensor:
-    """Prompts once with a KV cache, then hack and clean continue from it: (2b, M, r), rows h0, c0, h1, c1, ..."""
+    """Every token of a batch of b pairs runs once, in three passes that extend one KV cache: (1) the prompts'
+    common prefix (1 row, e.g. the system prompt), (2) each pair's rest of the prompt plus the start its two
+    completions share (b rows), (3) the two completions' own tokens (2b rows: h0, c0, h1, c1, ...). Returns the
+    pooled bottleneck over each completion's tokens (passes 2 and 3 combined): (2b, M, r)."""
     from transformers import DynamicCache
 
     device, cache_kw = next(adapter.model.parameters()).device, _cache_kwarg(decoder)
-    p_ids, p_mask = _right_pad([r[0] for r in rows], pad, device)  # (b, P)
-    c_ids, c_mask = _right_pad([c for r in rows for c in (r[1], r[2])], pad, device)  # (2b, C)
+    k0 = shared_prefix_len([r[0] for r in rows])  # tokens in pass 1
+    shared_c = [shared_prefix_len([r[1], r[2]]) for r in rows]  # completion tokens in pass 2, per pair
+    part2 = [r[0][k0:] + r[1][:k] for r, k in zip(rows, shared_c, strict=True)]
+    part3 = [side[k:] for r, k in zip(rows, shared_c, strict=True) for side in (r[1], r[2])]
     cache = DynamicCache(config=decoder.config)
     with adapter.sampling_mode(mode):
-        decoder(input_ids=p_ids, attention_mask=p_mask, use_cache=True, **{cache_kw: cache})
-    cache.batch_repeat_interleave(2)  # rows p0, p0, p1, p1, ...
-    attention = torch.cat([p_mask.repeat_interleave(2, dim=0), c_mask], dim=1)  # (2b, P + C): prompt pads masked
-    start = p_mask.sum(1).repeat_interleave(2)[:, None]  # (2b, 1): each completion continues its own prompt
-    positions = start + torch.arange(c_ids.shape[1], device=device)  # (2b, C)
-    inputs = {"input_ids": c_ids, "attention_mask": attention, "position_ids": positions, "use_cache": True}
-    return _captured(adapter, decoder, mode, c_mask, **inputs, **{cache_kw: cache})
+        if k0:
+            ids = torch.tensor([rows[0][0][:k0]], device=device)  # (1, k0)
+            decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{cache_kw: cache})
+            cache.batch_repeat_interleave(len(rows))
+    ids2, mask2 = _right_pad(part2, pad, device)  # (b, S)
+    pool2 = torch.zeros_like(mask2)
+    for i, (r, k) in enumerate(zip(rows, shared_c, strict=True)):
+        pool2[i, len(r[0]) - k0 : len(r[0]) - k0 + k] = 1  # the completions' shared start
+    ones = torch.ones((len(rows), k0), dtype=torch.long, device=device)
+    inputs = {"input_ids": ids2, "attention_mask": torch.cat([ones, mask2], 1), "use_cache": True,
+              "position_ids": k0 + torch.arange(ids2.shape[1], device=device)[None].expand(len(rows), -1)}
+    with adapter.sampling_mode(mode), adapter.capture(pool2):  # the whole decoder: pass 3 needs every layer's cache
+        decoder(**inputs, **{cache_kw: cache})
+    pooled2 = adapter.pooled().float().cpu().repeat_interleave(2, dim=0)  # (2b, M, r)
+    cache.batch_repeat_interleave(2)
+    ids3, mask3 = _right_pad(part3, pad, device)  # (2b, C)
+    start = (k0 + mask2.sum(1)).repeat_interleave(2)[:, None]  # (2b, 1): each completion continues its own prefix
+    attention = torch.cat([ones, mask2], 1).repeat_interleave(2, dim=0)
+    inputs = {"input_ids": ids3, "attention_mask": torch.cat([attention, mask3], 1), "use_cache": True,
+              "position_ids": start + torch.arange(ids3.shape[1], device=device)}
+    pooled3 = _captured(adapter, decoder, mode, mask3, **inputs, **{cache_kw: cache})  # (2b, M, r)
+    n2 = torch.tensor(shared_c, dtype=torch.float32).repeat_interleave(2)[:, None, None]  # (2b, 1, 1)
+    n3 = mask3.sum(1).float().cpu()[:, None, None]
+    return (pooled2 * n2 + pooled3 * n3) / (n2 + n3)
 
 
 def pooled_pair_activations(
@@ -184,7 +217,7 @@ def pooled_pair_activations(
             adapter, tokenizer, prompts, [p.hack for p in pairs] + [p.clean for p in pairs], batch_size, mode, progress
         )
         return both[: len(pairs)], both[len(pairs) :]
-    rows = [_encode_pair(tokenizer, p) for p in pairs]
+    rows = [encode_pair(tokenizer, p) for p in pairs]
     decoder, pad = _decoder(adapter), _pad_id(tokenizer)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + max(len(rows[i][1]), len(rows[i][2])))
     hack: list[Tensor | None] = [None] * len(rows)

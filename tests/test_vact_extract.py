@@ -135,6 +135,6 @@ def test_extraction_runs_neither_the_lm_head_nor_layers_after_the_last_target(to
     pooled_completion_activations(adapter, tokenizer, [p.messages() for p in pairs], [p.hack for p in pairs], 2)
     assert calls == {"lm_head": 0, "last_mlp": 0, "norm": 0, "q_proj_last": 2}  # 3 rows in batches of 2
     calls.update(dict.fromkeys(calls, 0))
-    pooled_pair_activations(adapter, tokenizer, pairs, batch_size=3)  # one batch: prompts, then completions
-    assert calls["lm_head"] == 0 and calls["q_proj_last"] == 2
-    assert calls["last_mlp"] == 1, "only the prompt pass (which fills the KV cache) runs the decoder to its end"
+    pooled_pair_activations(adapter, tokenizer, pairs, batch_size=3)  # one batch of three passes (see _pair_batch)
+    assert calls["lm_head"] == 0 and calls["q_proj_last"] == 3
+    assert calls["last_mlp"] == 2, "only the two passes that fill the KV cache run the decoder to its end"
