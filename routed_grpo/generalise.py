@@ -14,7 +14,11 @@ hack - clean) and the held-out pairs are scored with `gate.score`. Per held-out 
   draw shared by all folds), and `perm`, N re-fits after swapping hack and clean in a random subset of the
   training pairs (each pair independently with probability 1/2, seeded per fold).
 
-A last fold, `all (in-sample)`, fits and scores all pairs, with the same nulls; there a permuted fit is scored with
+After the held-out folds come two summary rows. `mean of held-out`: the mean of the folds' AUROCs and cosines, the
+share ranked over all held-out pairs, and as its nulls the mean over folds of each null draw (the Haar directions
+are shared by the folds, the permutation draws are independent across folds, so each averaged draw is a draw of
+the mean under the null); it stays informative when every fold is small (one pair per topic). And
+`all (in-sample)`, which fits and scores all pairs, with the same nulls; there a permuted fit is scored with
 its own (swapped) labels, so the permutation null is fit and scored exactly as the observed direction is, while the
 Haar p-value of that row is optimistic (a fit on the pairs it scores beats random directions even without a
 signal). Pairs without a tag for the key are never held out (they stay in every training set). A pair with two
@@ -42,6 +46,7 @@ from routed_grpo.gate import score
 from routed_grpo.vact import auroc, unit_mean_difference
 
 IN_SAMPLE = "all (in-sample)"
+HELD_OUT_MEAN = "mean of held-out"
 _BLOCK = 64  # null directions compared at once (bounds the (N, n, n) comparison tensor)
 
 
@@ -71,7 +76,7 @@ class Fold:
 @dataclass
 class GeneraliseReport:
     by: str
-    folds: list[Fold]  # one per held-out value, sorted by name, then the in-sample fold
+    folds: list[Fold]  # one per held-out value, sorted by name, then the held-out mean and the in-sample fold
     n_pairs: int
     n_untagged: int
     n_haar: int
@@ -148,6 +153,21 @@ def _fold(name: str, hack: Tensor, clean: Tensor, train: Tensor, test: Tensor, v
     )
 
 
+def _mean_fold(folds: list[Fold]) -> Fold:
+    """The `mean of held-out` summary row (see the module docstring); n_train is the folds' mean training size."""
+    n = sum(f.n_test for f in folds)
+    return Fold(
+        name=HELD_OUT_MEAN,
+        n_test=n,
+        n_train=round(sum(f.n_train for f in folds) / len(folds)),
+        auroc=sum(f.auroc for f in folds) / len(folds),
+        ranked=sum(f.ranked * f.n_test for f in folds) / n,
+        cos_all=sum(f.cos_all for f in folds) / len(folds),
+        haar_null=torch.stack([f.haar_null for f in folds]).mean(0),
+        perm_null=torch.stack([f.perm_null for f in folds]).mean(0),
+    )
+
+
 def leave_one_tag_out(hack: Tensor, clean: Tensor, tags: Sequence[Sequence[str]], by: str = "mode",
                       n_haar: int = 1000, n_perm: int = 1000, seed: int = 0) -> GeneraliseReport:
     """hack, clean: (P, M, r) pooled activations; tags: the P pairs' tag lists. See the module docstring."""
@@ -172,6 +192,7 @@ def leave_one_tag_out(hack: Tensor, clean: Tensor, tags: Sequence[Sequence[str]]
         if not bool(train.any()):
             raise GeneraliseError(f"holding out {by}:{name} leaves no pairs to fit a direction on")
         folds.append(_fold(name, hack, clean, train, test, v_all, haar, n_perm, seed))
+    folds.append(_mean_fold(folds))
     everything = torch.ones(len(tags), dtype=torch.bool)
     folds.append(_fold(IN_SAMPLE, hack, clean, everything, everything, v_all, haar, n_perm, seed))
     untagged = int((~torch.stack(list(groups.values())).any(0)).sum())
@@ -196,7 +217,7 @@ def report_json(report: GeneraliseReport, extra: dict[str, Any] | None = None) -
 
 
 def report_markdown(report: GeneraliseReport, title: str = "") -> str:
-    """A Markdown table, one row per fold (held-out values first, in-sample last)."""
+    """A Markdown table, one row per fold (held-out values first, then the held-out mean and in-sample rows)."""
     head = (f"| held out ({report.by}) | n | AUROC | ranked | cos(all) | Haar null mean [q95] | p Haar "
             "| perm null mean [q95] | p perm |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -9,6 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from routed_grpo.generalise import (
+    HELD_OUT_MEAN,
     IN_SAMPLE,
     GeneraliseError,
     auroc_rows,
@@ -42,8 +43,8 @@ def test_hand_computed_folds():
     clean = torch.tensor([[[0.0, 1.0]], [[0.0, 3.0]], [[0.0, 0.0]], [[0.0, 0.0]]])
     tags = [["mode:a"], ["mode:a"], ["mode:b"], ["mode:b"]]
     report = leave_one_tag_out(hack, clean, tags, n_haar=10, n_perm=10)
-    a, b, everything = report.folds
-    assert [f.name for f in report.folds] == ["a", "b", IN_SAMPLE]
+    a, b, mean, everything = report.folds
+    assert [f.name for f in report.folds] == ["a", "b", HELD_OUT_MEAN, IN_SAMPLE]
     # held out a, fit on b: v = (0, 1); hack scores {2, 0.5}, clean {1, 3} -> 1 of 4 orderings right
     assert (a.n_test, a.n_train, a.auroc, a.ranked) == (2, 2, 0.25, 0.5)
     all_mean = torch.tensor([5.0, 0.5]) / 4  # mean of the four diffs
@@ -53,12 +54,16 @@ def test_hand_computed_folds():
     assert b.cos_all == pytest.approx(float((torch.tensor([2.5, -0.75]) @ all_mean) / (math.hypot(2.5, 0.75)
                                                                                         * all_mean.norm())), abs=1e-6)
     assert everything.n_test == everything.n_train == 4 and everything.cos_all == pytest.approx(1.0)
+    assert (mean.n_test, mean.auroc, mean.ranked) == (4, 0.125, 0.25)
+    assert mean.cos_all == pytest.approx((a.cos_all + b.cos_all) / 2)
+    assert_close(mean.haar_null, (a.haar_null + b.haar_null) / 2)
+    assert_close(mean.perm_null, (a.perm_null + b.perm_null) / 2)
 
 
 def test_planted_direction_gives_small_p_values_under_both_nulls():
     hack, clean, tags = _synthetic(planted=1.0)  # the bounds below hold for data seeds 0-5 alike, not just this one
     report = leave_one_tag_out(hack, clean, tags, n_haar=200, n_perm=200, seed=1)
-    assert [f.name for f in report.folds] == [*MODES, IN_SAMPLE]
+    assert [f.name for f in report.folds] == [*MODES, HELD_OUT_MEAN, IN_SAMPLE]
     for fold in report.folds:
         assert fold.auroc > 0.75, fold.name
         assert fold.haar_p < 0.05 and fold.perm_p < 0.05, (fold.name, fold.haar_p, fold.perm_p)
@@ -69,7 +74,7 @@ def test_planted_direction_gives_small_p_values_under_both_nulls():
 def test_no_direction_gives_large_p_values_under_both_nulls():
     hack, clean, tags = _synthetic(planted=0.0)  # as above: the bounds hold for data seeds 0-5
     report = leave_one_tag_out(hack, clean, tags, n_haar=200, n_perm=200, seed=1)
-    held_out = report.folds[:-1]
+    held_out = report.folds[:-2]
     assert sum(f.perm_p for f in held_out) / len(held_out) > 0.2  # p is ~uniform without a signal (mean 0.5)
     assert sum(f.haar_p for f in held_out) / len(held_out) > 0.2
     assert min(f.perm_p for f in held_out) > 0.01
@@ -98,7 +103,7 @@ def test_untagged_pairs_stay_in_training_and_multi_valued_tags_are_held_out_with
     tags = [["topic:x"], ["topic:x"], ["topic:y"], ["topic:y"], ["topic:x", "topic:z"], ["topic:z"], [], ["mode:a"]]
     report = leave_one_tag_out(hack, clean, tags, by="topic", n_haar=5, n_perm=5)
     assert [(f.name, f.n_test, f.n_train) for f in report.folds] == [("x", 3, 5), ("y", 2, 6), ("z", 2, 6),
-                                                                     (IN_SAMPLE, 8, 8)]
+                                                                     (HELD_OUT_MEAN, 7, 6), (IN_SAMPLE, 8, 8)]
     assert report.n_untagged == 2
 
 
@@ -118,11 +123,26 @@ def test_report_formats():
     report = leave_one_tag_out(hack, clean, tags, n_haar=20, n_perm=20)
     record = json.loads(json.dumps(report_json(report, {"model_name": "m"})))
     assert record["model_name"] == "m" and record["n_pairs"] == 12 and record["by"] == "mode"
-    assert [f["held_out"] for f in record["folds"]] == [*MODES, IN_SAMPLE]
+    assert [f["held_out"] for f in record["folds"]] == [*MODES, HELD_OUT_MEAN, IN_SAMPLE]
     assert set(record["folds"][0]) >= {"auroc", "ranked", "cos_all", "haar_p", "perm_p", "haar_null", "perm_null"}
     assert record["folds"][0]["auroc"] == round(report.folds[0].auroc, 4)
     table = report_markdown(report, "## t").splitlines()
     rows = [x for x in table if x.startswith("| ") and not x.startswith("| held")]
-    assert [r.split("|")[1].strip() for r in rows] == [*MODES, IN_SAMPLE]
+    assert [r.split("|")[1].strip() for r in rows] == [*MODES, HELD_OUT_MEAN, IN_SAMPLE]
     assert rows[0].split("|")[3].strip() == f"{report.folds[0].auroc:.3f}"
     assert report_png(report)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_placebo_mode_is_held_out_like_any_other_and_shows_no_transfer():
+    """Pairs tagged mode:placebo (two correct sides differing on an unrelated axis, pairs/placebo/) are one more
+    value of the key: a direction fit on the hack modes does not separate them, while it does separate a held-out
+    hack mode."""
+    hack, clean, tags = _synthetic(planted=1.0)
+    gen = torch.Generator().manual_seed(7)
+    placebo_hack, placebo_clean = torch.randn((16, 6, 8), generator=gen), torch.randn((16, 6, 8), generator=gen)
+    report = leave_one_tag_out(torch.cat([hack, placebo_hack]), torch.cat([clean, placebo_clean]),
+                               tags + [["mode:placebo", "domain:function"]] * 16, n_haar=200, n_perm=200, seed=1)
+    folds = {f.name: f for f in report.folds}
+    assert list(folds) == [*MODES, "placebo", HELD_OUT_MEAN, IN_SAMPLE]
+    assert folds["placebo"].n_test == 16 and folds["placebo"].haar_p > 0.05 and folds["placebo"].perm_p > 0.05
+    assert folds["exit_code"].haar_p < 0.05 and folds["exit_code"].perm_p < 0.05

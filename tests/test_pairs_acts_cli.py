@@ -120,7 +120,8 @@ def test_generalise_writes_its_three_files_and_refuses_a_key_with_one_value(tmp_
     assert sorted(p.name for p in out.iterdir()) == ["generalise_mode.json", "generalise_mode.md",
                                                      "generalise_mode.png"]
     rows = [x for x in (out / "generalise_mode.md").read_text().splitlines() if x.startswith("| ")][1:]
-    assert [r.split("|")[1].strip() for r in rows] == ["exit_code", "overwrite_tests", "all (in-sample)"]
+    assert [r.split("|")[1].strip() for r in rows] == ["exit_code", "overwrite_tests", "mean of held-out",
+                                                       "all (in-sample)"]
     assert (out / "generalise_mode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = tmp_path / "bad"
     result = _run("generalise", "--acts", acts, "--out", bad, "--by", "domain")
