@@ -8,10 +8,10 @@ What it covers (the inputs of invariant I5, DESIGN.md section 3 step 3):
   (transformers' `DynamicCache`; `encode_pair` and `shared_prefix_len` give the token ids and shared prefixes it
   plans with). Both run under `no_grad` in eval mode, call the decoder only (no LM head) and cut the forward short
   once every target module's bottleneck is captured (`RoutedAdapter.capture(stop=True)`), process batches sorted
-  by length and return rows in the order given, with an optional progress bar. Token ids are those of a GRPO rollout (`encode_rollout`:
-  chat template with the generation prompt, the completion tokenised alone plus EOS); the pooled tokens are the
-  completion's, EOS included. What is captured is the same bottleneck `A_dep x` a full forward gives (the tests
-  compare it with an unbatched full-model forward per sequence).
+  by length and return rows in the order given, with an optional progress bar. Token ids are those of a GRPO
+  rollout (`encode_rollout`: chat template with the generation prompt, the completion tokenised alone plus EOS);
+  the pooled tokens are the completion's, EOS included. What is captured is the same bottleneck `A_dep x` a full
+  forward gives (the tests compare it with an unbatched full-model forward per sequence).
 - `PairActivations` with `save_pair_activations` / `load_pair_activations`: the cache written by
   `routed-grpo pairs activations` (hack and clean pooled activations, pair ids, tags, the adapter metadata with its
   fingerprint parts, the pairs' hash, sampling mode and dtype), so `extract`, `score` and `generalise` need no

@@ -43,6 +43,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
+from routed_grpo.utils import atomic_path
+
 DEPLOYED = "deployed"
 QUARANTINE = "quarantine"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -331,7 +333,8 @@ class RoutedAdapter:
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         config = copy.deepcopy(self.model.peft_config[DEPLOYED])
         config.save_pretrained(str(out_dir))
-        save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        with atomic_path(out_dir / "adapter_model.safetensors") as tmp:  # safetensors alone would leave it 0600
+            save_file(state, str(tmp), metadata={"format": "pt"})
         return out_dir
 
     def export_merged(self, out_dir: str | Path) -> Path:
