@@ -246,11 +246,12 @@ def report_png(report: GeneraliseReport, title: str = "") -> bytes:
     fig = Figure(figsize=(3.2 * cols, 2.6 * rows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
-    bins = torch.linspace(0, 1, 41).tolist()
     for ax, f in zip(axes, report.folds, strict=False):
-        ax.hist(f.haar_null.tolist(), bins=bins, alpha=0.5, label="Haar", color="tab:gray")
-        ax.hist(f.perm_null.tolist(), bins=bins, alpha=0.5, label="perm", color="tab:blue")
-        ax.axvline(f.auroc, color="tab:red", lw=2, label=f"AUROC {f.auroc:.2f}")
+        grid = f.n_test**2 if f.name != HELD_OUT_MEAN else 0  # a fold's AUROC is a multiple of 1 / n_test^2
+        bins = torch.linspace(-0.5 / grid, 1 + 0.5 / grid, grid + 2) if 0 < grid <= 60 else torch.linspace(0, 1, 41)
+        ax.hist(f.haar_null.tolist(), bins=bins.tolist(), alpha=0.5, label="Haar null", color="tab:gray")
+        ax.hist(f.perm_null.tolist(), bins=bins.tolist(), alpha=0.5, label="permutation null", color="tab:blue")
+        ax.axvline(f.auroc, color="tab:red", lw=2, label="observed AUROC")
         ax.set_title(f"{f.name} (n={f.n_test})\np Haar {f.haar_p:.3f}, p perm {f.perm_p:.3f}", fontsize=8)
         ax.set_xlim(-0.02, 1.02)
         ax.tick_params(labelsize=7)
