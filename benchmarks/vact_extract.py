@@ -1,6 +1,7 @@
 """`v_act` extraction, old against new, in one run on a Qwen2.5-0.5B-shaped model built from a config.
 
     OMP_NUM_THREADS=1 nice python benchmarks/vact_extract.py --pairs pairs/            # all 42 pairs: ~25 min
+    OMP_NUM_THREADS=1 python benchmarks/vact_extract.py --save-model .cache/qwen2.5-0.5b-random  # for the CLI
     OMP_NUM_THREADS=1 python benchmarks/vact_extract.py --pairs pairs/ --limit 8       # a quick look
 
 The model is `Qwen2ForCausalLM` with Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 KV heads,
@@ -14,8 +15,9 @@ batches of 8 in file order, right-padded, through the full causal LM (logits ove
 NEW is `routed_grpo.activations.pooled_pair_activations`: length-sorted batches of pairs, every token once (the
 batch's common prompt prefix, each pair's prompt and shared completion start, each completion's own tokens, one KV
 cache), the decoder only, cut short after the last target module. Both run in the same process on the same adapter
-(rank 8 on all attention and MLP projections, init seed 0) in float32, interleaved over `--rounds` subsets of the
-pairs so that load from other processes falls on both alike. A third run, NEW on a bf16 copy of the weights, shows
+(rank 8 on all attention and MLP projections, init seed 0) in float32, each with its own batches, interleaved batch
+by batch (two OLD batches, then one NEW batch) so that load from other processes falls on both alike. A third run,
+NEW on a bf16 copy of the weights, shows
 what `--dtype auto` gives on a checkpoint stored in bf16 (as Qwen2.5 is); its v_act is compared with OLD's too.
 Prints the times and ratios, token counts, per-module cosines between the `v_act`s, and a JSON line.
 """
@@ -110,13 +112,6 @@ def old_pooled(adapter, tokenizer, prompts, completions, batch_size=8, mode="ful
     return torch.cat(out), padded
 
 
-def old_pair_activations(adapter, tokenizer, pairs, batch_size=8):
-    prompts = [p.messages() for p in pairs]
-    h_hack, n_hack = old_pooled(adapter, tokenizer, prompts, [p.hack for p in pairs], batch_size)
-    h_clean, n_clean = old_pooled(adapter, tokenizer, prompts, [p.clean for p in pairs], batch_size)
-    return h_hack, h_clean, n_hack + n_clean
-
-
 # ---- the run ----------------------------------------------------------------------------------------------------
 def token_counts(tokenizer, pairs, batch_size: int) -> dict[str, int]:
     """Real tokens of the 2P rollouts, and the tokens NEW runs (three passes per sorted batch, padding included)."""
@@ -144,16 +139,16 @@ def main() -> None:
     parser.add_argument("--pairs", type=Path, default=Path("pairs"))
     parser.add_argument("--limit", type=int, default=0, help="Use only the first N pairs (0 = all).")
     parser.add_argument("--batch-size", type=int, default=8, help="OLD: rows per batch; NEW: pairs per batch.")
-    parser.add_argument("--rounds", type=int, default=3, help="Interleave OLD and NEW over this many pair subsets.")
     parser.add_argument("--no-bf16", action="store_true", help="Skip NEW on a bf16 copy (Qwen2.5's stored dtype).")
     parser.add_argument("--vocab", type=int, default=4000, help="BPE vocabulary target of the tokenizer.")
     parser.add_argument("--save-model", type=Path, help="Only save the model (bf16, as Qwen2.5 stores it) and its "
                         "tokenizer to this directory, for `routed-grpo pairs activations --model DIR`, and exit.")
     a = parser.parse_args()
 
-    from routed_grpo.activations import pooled_pair_activations
+    from routed_grpo.activations import encode_pair, pair_order, pooled_pair_activations
     from routed_grpo.adapter import attach_routed_adapter
     from routed_grpo.pairs import load_pairs
+    from routed_grpo.utils import batched
     from routed_grpo.vact import unit_mean_difference
 
     threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
@@ -172,48 +167,67 @@ def main() -> None:
     print(f"model: Qwen2.5-0.5B shape, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, random "
           f"(built in {time.perf_counter() - t0:.0f} s); tokenizer: byte-level BPE of {len(tokenizer)} tokens trained "
           f"on the pairs, embedding {QWEN25_05B['vocab_size']} rows; {len(pairs)} pairs; {threads} thread(s); "
-          f"{len(adapter.module_names)} target modules, rank 8; OLD and NEW interleaved over {a.rounds} rounds",
-          flush=True)
-    runs = {"old": lambda ps: old_pair_activations(adapter, tokenizer, ps, a.batch_size)[:2],
-            "new": lambda ps: pooled_pair_activations(adapter, tokenizer, ps, a.batch_size)}
-    if bf16 is not None:
-        runs["new_bf16"] = lambda ps: pooled_pair_activations(bf16, tokenizer, ps, a.batch_size)
-    seconds = dict.fromkeys(runs, 0.0)
-    acts: dict[str, list] = {k: [None] * len(pairs) for k in runs}
-    for r in range(a.rounds):
-        index = list(range(r, len(pairs), a.rounds))  # every round mixes all hack modes and domains
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            h, c = run([pairs[i] for i in index])
-            seconds[name] += time.perf_counter() - t0
-            for j, i in enumerate(index):
-                acts[name][i] = (h[j], c[j])
-        print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()), flush=True)
+          f"{len(adapter.module_names)} target modules, rank 8", flush=True)
 
-    v = {k: unit_mean_difference(torch.stack([x[0] for x in rows]), torch.stack([x[1] for x in rows]))
-         for k, rows in acts.items()}  # (M, r) each
+    n, prompts = len(pairs), [p.messages() for p in pairs]
+    out: dict[str, dict[str, list]] = {k: {"hack": [None] * n, "clean": [None] * n} for k in ("old", "new", "bf16")}
+    seconds = {"old": 0.0, "new": 0.0, "bf16": 0.0}
+
+    def run_old(side: str, idx) -> None:  # one OLD batch: rows of one side, in file order
+        acts, _ = old_pooled(adapter, tokenizer, [prompts[i] for i in idx], [getattr(pairs[i], side) for i in idx],
+                             batch_size=len(idx))
+        for j, i in enumerate(idx):
+            out["old"][side][i] = acts[j]
+
+    def run_new(name: str, handle, idx) -> None:  # one NEW batch, exactly as pooled_pair_activations batches them
+        h, c = pooled_pair_activations(handle, tokenizer, [pairs[i] for i in idx], batch_size=len(idx))
+        for j, i in enumerate(idx):
+            out[name]["hack"][i], out[name]["clean"][i] = h[j], c[j]
+
+    rows = [encode_pair(tokenizer, p) for p in pairs]  # (prompt, hack, clean) token ids
+    old_jobs = [(side, idx) for side in ("hack", "clean") for idx in batched(range(n), a.batch_size)]
+    new_jobs = list(batched(pair_order(rows), a.batch_size))
+    per_new = len(old_jobs) / len(new_jobs)  # 2: OLD has twice NEW's batches; alternate so load hits both alike
+    for k, idx in enumerate(new_jobs):
+        for side, old_idx in old_jobs[round(k * per_new) : round((k + 1) * per_new)]:
+            t0 = time.perf_counter()
+            run_old(side, old_idx)
+            seconds["old"] += time.perf_counter() - t0
+        for name, handle in (("new", adapter), ("bf16", bf16)):
+            if handle is not None:
+                t0 = time.perf_counter()
+                run_new(name, handle, idx)
+                seconds[name] += time.perf_counter() - t0
+        print(f"slot {k + 1}/{len(new_jobs)}: " + ", ".join(f"{key} {v:.0f} s" for key, v in seconds.items()),
+              flush=True)
+
+    v = {k: unit_mean_difference(torch.stack(d["hack"]), torch.stack(d["clean"])) for k, d in out.items()
+         if d["hack"][0] is not None}  # (M, r) each
     cos = _cosines(v["old"], v["new"])
-    diff = max((x[0] - y[0]).abs().max().item() for x, y in zip(acts["old"], acts["new"], strict=True))
+    diff = max((torch.stack(out["old"][s]) - torch.stack(out["new"][s])).abs().max().item() for s in ("hack", "clean"))
     counts = token_counts(tokenizer, pairs, a.batch_size)
+    side_index = {"hack": 1, "clean": 2}
+    old_padded = sum(len(idx) * max(len(rows[i][0]) + len(rows[i][side_index[side]]) for i in idx)
+                     for side, idx in old_jobs)
     worst = int(cos.argmin())
-    print(f"tokens: {counts['real_rollout_tokens']} real in the {2 * len(pairs)} rollouts (NEW runs "
-          f"{counts['new_processed_tokens']}, padding included; OLD runs every rollout whole, padded, LM head too)")
+    print(f"tokens: {counts['real_rollout_tokens']} real in the {2 * n} rollouts; OLD ran {old_padded} (every rollout "
+          f"whole, padded, LM head too); NEW ran {counts['new_processed_tokens']} (padding included)")
     print(f"time, float32: OLD {seconds['old']:.1f} s, NEW {seconds['new']:.1f} s -> NEW is "
           f"{seconds['old'] / seconds['new']:.2f}x faster")
     print(f"v_act cosine OLD vs NEW per module (float32): min {cos.min():.10f} ({adapter.module_names[worst]}), "
           f"mean {cos.mean():.10f}; max |pooled activation difference| {diff:.2e}")
-    record = {"benchmark": "vact_extract", "model": "qwen2.5-0.5b-shape-random", "n_pairs": len(pairs),
-              "threads": threads, "batch_size": a.batch_size, "rounds": a.rounds, "tokenizer_vocab": len(tokenizer),
-              "old_s": round(seconds["old"], 2), "new_s": round(seconds["new"], 2),
-              "ratio": round(seconds["old"] / seconds["new"], 3), "cos_min": float(cos.min()),
-              "cos_mean": float(cos.mean()), "max_abs_act_diff": diff, **counts}
+    record = {"benchmark": "vact_extract", "model": "qwen2.5-0.5b-shape-random", "n_pairs": n, "threads": threads,
+              "batch_size": a.batch_size, "tokenizer_vocab": len(tokenizer), "old_s": round(seconds["old"], 2),
+              "new_s": round(seconds["new"], 2), "ratio": round(seconds["old"] / seconds["new"], 3),
+              "cos_min": float(cos.min()), "cos_mean": float(cos.mean()), "max_abs_act_diff": diff,
+              "old_padded_tokens": old_padded, **counts}
     if bf16 is not None:
-        cos16 = _cosines(v["old"], v["new_bf16"])
+        cos16 = _cosines(v["old"], v["bf16"])
         print(f"NEW in bf16 (what `--dtype auto` runs on a bf16 checkpoint such as Qwen2.5): "
-              f"{seconds['new_bf16']:.1f} s -> {seconds['old'] / seconds['new_bf16']:.2f}x faster than OLD in "
+              f"{seconds['bf16']:.1f} s -> {seconds['old'] / seconds['bf16']:.2f}x faster than OLD in "
               f"float32; v_act cosine with OLD's: min {cos16.min():.6f}, mean {cos16.mean():.6f}")
-        record.update({"new_bf16_s": round(seconds["new_bf16"], 2),
-                       "ratio_bf16": round(seconds["old"] / seconds["new_bf16"], 3),
+        record.update({"new_bf16_s": round(seconds["bf16"], 2),
+                       "ratio_bf16": round(seconds["old"] / seconds["bf16"], 3),
                        "cos_min_bf16": float(cos16.min()), "cos_mean_bf16": float(cos16.mean())})
     print(json.dumps(record))
 

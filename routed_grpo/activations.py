@@ -5,13 +5,14 @@ What it covers (the inputs of invariant I5, DESIGN.md section 3 step 3):
 - `pooled_completion_activations`: any (prompt, completion) rows; `pooled_pair_activations`: every token of a
   batch of pairs runs once (`share_prompt=True`, the default): the prompts' common prefix, then each pair's prompt
   and the start its two completions share, then each completion's own tokens, each pass extending one KV cache
-  (transformers' `DynamicCache`; `encode_pair` and `shared_prefix_len` give the token ids and shared prefixes it
-  plans with). Both run under `no_grad` in eval mode, call the decoder only (no LM head) and cut the forward short
-  once every target module's bottleneck is captured (`RoutedAdapter.capture(stop=True)`), process batches sorted
-  by length and return rows in the order given, with an optional progress bar. Token ids are those of a GRPO
-  rollout (`encode_rollout`: chat template with the generation prompt, the completion tokenised alone plus EOS);
-  the pooled tokens are the completion's, EOS included. What is captured is the same bottleneck `A_dep x` a full
-  forward gives (the tests compare it with an unbatched full-model forward per sequence).
+  (transformers' `DynamicCache`; `encode_pair`, `pair_order` and `shared_prefix_len` give the token ids, the batch
+  order and the shared prefixes it plans with). Both run under `no_grad` in eval mode, call the decoder only (no
+  LM head) and cut the forward short once every target module's bottleneck is captured
+  (`RoutedAdapter.capture(stop=True)`), process batches sorted by length and return rows in the order given, with
+  an optional progress bar. Token ids are those of a GRPO rollout (`encode_rollout`: chat template with the
+  generation prompt, the completion tokenised alone plus EOS); the pooled tokens are the completion's, EOS
+  included. What is captured is the same bottleneck `A_dep x` a full forward gives (the tests compare it with an
+  unbatched full-model forward per sequence).
 - `PairActivations` with `save_pair_activations` / `load_pair_activations`: the cache written by
   `routed-grpo pairs activations` (hack and clean pooled activations, pair ids, tags, the adapter metadata with its
   fingerprint parts, the pairs' hash, sampling mode and dtype), so `extract`, `score` and `generalise` need no
@@ -153,6 +154,12 @@ def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
+def pair_order(rows: Sequence[tuple[list[int], list[int], list[int]]]) -> list[int]:
+    """Indices of `encode_pair` rows by length (prompt + longer completion): consecutive slices batch with little
+    padding."""
+    return sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + max(len(rows[i][1]), len(rows[i][2])))
+
+
 def _pair_batch(adapter: RoutedAdapter, decoder, rows, mode: str, pad: int) -> Tensor:
     """Every token of a batch of b pairs runs once, in three passes that extend one KV cache: (1) the prompts'
     common prefix (1 row, e.g. the system prompt), (2) each pair's rest of the prompt plus the start its two
@@ -219,7 +226,7 @@ def pooled_pair_activations(
         return both[: len(pairs)], both[len(pairs) :]
     rows = [encode_pair(tokenizer, p) for p in pairs]
     decoder, pad = _decoder(adapter), _pad_id(tokenizer)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + max(len(rows[i][1]), len(rows[i][2])))
+    order = pair_order(rows)
     hack: list[Tensor | None] = [None] * len(rows)
     clean: list[Tensor | None] = [None] * len(rows)
     with _inference(adapter, len(rows), "pair activations", progress) as bar:
