@@ -16,9 +16,12 @@ TRL switches every adapter and re-enables gradients on exit):
 - deployment ablation and sampling modes: the quarantine output is multiplied by 0 for every row. Because the
   quarantine's initial value has `B = 0`, this equals resetting the block to its initial value (I2);
   `reset_quarantine()` does the reset on the weights themselves;
-- capture of the deployed bottleneck `A_dep x`, mean-pooled over a token mask: `[batch, n_modules, r]`;
+- capture of the deployed bottleneck `A_dep x`, mean-pooled over a token mask: `[batch, n_modules, r]`,
+  optionally cutting the forward short once every target module has been captured (activations only);
 - a seeded, name-keyed initialisation of every `A`, so the same model, rank, targets and `init_seed` give the
-  same adapter in every process and every run (`v_act` depends on the initial `A_dep`).
+  same adapter in every process and every run (`v_act` depends on the initial `A_dep`);
+- a fingerprint of "same adapter geometry on the same base model" (seed, rank, targets, module shapes, sampled
+  base weights), independent of the dtype and device the weights are loaded in, compared part by part.
 
 Not covered: LoRA variants (DoRA etc.), dropout on the blocks, embedding or conv targets.
 """
@@ -28,16 +31,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import math
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
+
+from routed_grpo.utils import atomic_path
 
 DEPLOYED = "deployed"
 QUARANTINE = "quarantine"
@@ -72,6 +78,38 @@ def attach_routed_adapter(
     return adapter
 
 
+FINGERPRINT_PARTS = ("seed", "rank", "targets", "module_shapes", "base_weights")
+BASE_SAMPLES = 16  # sampled entries per sampled base weight
+TINY = 2.0**-14  # smallest normal float16: sampled values below it are flushed to 0
+BF16_RTOL = 2.0**-7  # one bf16 ulp, relative: a float16 load rounded to bf16 can differ by this much
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def fingerprint_mismatch(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Names of the FINGERPRINT_PARTS in which two `fingerprint_parts()` differ ([] = same adapter and base).
+
+    Base weights match when their hashes are equal, or when their sampled float values agree within one bf16 ulp
+    and their quantised bytes (if any) are equal."""
+    differ = [k for k in FINGERPRINT_PARTS[:-1] if stored.get(k) != current.get(k)]
+    if stored.get("base_weights") != current.get("base_weights"):
+        a, b = stored.get("base_sample"), current.get("base_sample")
+        close = a is not None and b is not None and len(a) == len(b)
+        close = close and stored.get("base_quantised") == current.get("base_quantised")
+        if close:
+            ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+            close = bool(((ta - tb).abs() <= BF16_RTOL * ta.abs().maximum(tb.abs()) + TINY).all())
+        if not close:
+            differ.append("base_weights")
+    return differ
+
+
+class _CaptureComplete(Exception):
+    """Raised by the last capture hook under `capture(stop=True)` and caught by `capture` itself."""
+
+
 def _module_seed(init_seed: int, block: str, name: str) -> int:
     return zlib.crc32(f"{init_seed}:{block}:{name}".encode())
 
@@ -101,6 +139,7 @@ class RoutedAdapter:
         self._quarantine_off = 0  # depth of nested ablation contexts
         self._token_mask: torch.Tensor | None = None  # (B, T) while capturing
         self._captured: dict[str, torch.Tensor] = {}
+        self._stop = False  # capture(stop=True): end the forward once every module is captured
         self._handles = []
         for name, layer in self.layers.items():
             self._handles.append(layer.lora_B[QUARANTINE].register_forward_hook(self._quarantine_hook))
@@ -138,15 +177,62 @@ class RoutedAdapter:
         """Deployment ablation on the weights: the quarantine block returns to its initial value (net delta 0)."""
         self.reinitialise(QUARANTINE)
 
+    def fingerprint_parts(self) -> dict[str, Any]:
+        """What makes two adapters the same geometry on the same base model, part by part (FINGERPRINT_PARTS).
+
+        `base_weights` hashes a few deterministic samples of base weights (first, middle and last weight matrix;
+        `BASE_SAMPLES` evenly spaced entries each) viewed in float32 and rounded to what bf16 keeps, so a float32
+        and a bf16 load of the same checkpoint, on any device, give the same value; `base_sample` keeps the sampled
+        values themselves, compared within bf16 precision by `fingerprint_mismatch` (a float16 load agrees too).
+        Quantised (integer) base weights are sampled as raw bytes (`base_quantised`): they match only the same
+        quantisation.
+        """
+        shapes = [f"{n}:{tuple(self.layers[n].lora_A[DEPLOYED].weight.shape)}" for n in self.module_names]
+        floats, raw = self._base_sample()
+        return {
+            "seed": self.init_seed,
+            "rank": self.rank,
+            "targets": list(self.targets),
+            "module_shapes": _digest("\n".join(shapes).encode()),
+            "base_weights": _digest(floats.numpy().tobytes() + raw),
+            "base_sample": [float(x) for x in floats],
+            "base_quantised": _digest(raw) if raw else None,
+        }
+
     def fingerprint(self) -> str:
-        """Identifies the initial deployed block and its base: seed, rank, module names and `A` shapes, plus the
-        bytes of the first target module's base weight (so a `v_act` made on another base model is refused)."""
+        """One 16-hex summary of `fingerprint_parts()`: same adapter geometry on the same base model, whatever
+        dtype or device the weights are loaded in."""
+        parts = {k: v for k, v in self.fingerprint_parts().items() if k != "base_sample"}
+        return _digest(json.dumps(parts, sort_keys=True).encode())
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint `v_act` files of routed-grpo <= 0.1 recorded (it hashed a base weight's bytes, so it
+        changed with the dtype); kept only to accept such files when it still matches."""
         desc = [f"seed={self.init_seed}", f"rank={self.rank}"]
         desc += [f"{n}:{tuple(self.layers[n].lora_A[DEPLOYED].weight.shape)}" for n in self.module_names]
         digest = hashlib.sha256("\n".join(desc).encode())
         base_weight = self.layers[self.module_names[0]].get_base_layer().weight
         digest.update(base_weight.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
+
+    @torch.no_grad()
+    def _base_sample(self) -> tuple[torch.Tensor, bytes]:
+        """Entries of the first, middle and last base weight matrix (by parameter order, adapter blocks excluded, so
+        the sample does not depend on the targets): float ones as float32 rounded to bf16 with tiny ones flushed to
+        0, (n,); quantised (integer) ones as raw bytes."""
+        mats = [w for n, w in self.model.get_base_model().named_parameters() if "lora_" not in n and w.dim() >= 2]
+        floats, raw = [], b""
+        for i in sorted({0, len(mats) // 2, len(mats) - 1}):
+            w = mats[i].detach().reshape(-1)  # (numel,)
+            idx = torch.linspace(0, w.numel() - 1, BASE_SAMPLES, dtype=torch.float64).round().long()
+            values = w[idx.to(w.device)].cpu()  # gathered on the weight's own device
+            if values.is_floating_point():
+                values = values.float().to(torch.bfloat16).float()
+                values[values.abs() < TINY] = 0.0  # float16 keeps these only as subnormals
+                floats.append(values)
+            else:
+                raw += values.contiguous().view(torch.uint8).numpy().tobytes()
+        return (torch.cat(floats) if floats else torch.zeros(0)), raw
 
     # ---- masks and modes -----------------------------------------------------------------------------------------
     def set_row_masks(self, m: torch.Tensor, d: torch.Tensor) -> None:
@@ -202,13 +288,20 @@ class RoutedAdapter:
 
     # ---- activation capture -------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def capture(self, token_mask: torch.Tensor) -> Iterator[None]:
-        """Record the deployed bottleneck `A_dep x` of ONE forward, pooled over `token_mask` (B, T)."""
-        self._token_mask, self._captured = token_mask, {}
+    def capture(self, token_mask: torch.Tensor, stop: bool = False) -> Iterator[None]:
+        """Record the deployed bottleneck `A_dep x` of ONE forward, pooled over `token_mask` (B, T).
+
+        With `stop=True` the forward is cut short as soon as every target module has been captured: the layers
+        after the last one the adapter touches, and the LM head, never run (the forward returns nothing; use it
+        for activations only, under `no_grad`). What is captured is the same either way.
+        """
+        self._token_mask, self._captured, self._stop = token_mask, {}, stop
         try:
             yield
+        except _CaptureComplete:
+            pass
         finally:
-            self._token_mask = None
+            self._token_mask, self._stop = None, False
 
     def pooled(self) -> torch.Tensor:
         """The captured activations, `[batch, n_modules, r]` in `module_names` order (float32)."""
@@ -226,6 +319,8 @@ class RoutedAdapter:
             mask = self._token_mask.to(out.device, torch.float32).unsqueeze(-1)  # (B, T, 1)
             h = out.detach().float()  # (B, T, r)
             self._captured[name] = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, r)
+            if self._stop and len(self._captured) == len(self.layers):
+                raise _CaptureComplete
 
         return hook
 
@@ -238,7 +333,8 @@ class RoutedAdapter:
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         config = copy.deepcopy(self.model.peft_config[DEPLOYED])
         config.save_pretrained(str(out_dir))
-        save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        with atomic_path(out_dir / "adapter_model.safetensors") as tmp:  # safetensors alone would leave it 0600
+            save_file(state, str(tmp), metadata={"format": "pt"})
         return out_dir
 
     def export_merged(self, out_dir: str | Path) -> Path:

@@ -44,6 +44,11 @@ class RoutedGRPOConfig(GRPOConfig):
             Symmetric tail mass of the gate: `lo = q(route_tail_q)`, `hi = q(1 - route_tail_q)` over the buffer.
         act_buffer_size (`int`, *optional*, defaults to `8192`):
             Capacity (rollouts) of the run-spanning buffer of pooled activations.
+        gate_warmup_rollouts (`int`, *optional*, defaults to `0`):
+            The first this many rollouts of the run (counted over all processes) are all absorbed (both blocks
+            train) while their activations fill the buffer; the gate's thresholds then start from their quantiles.
+            0 = no warm-up: the first thresholds are the quantiles of the first batch alone, which splits it about
+            `route_tail_q` / rest / `route_tail_q` whatever it holds (a 4-rollout batch 25/50/25 by construction).
         gen_deploy_frac (`float`, *optional*, defaults to `0.0`):
             Fraction of rollouts sampled in `deploy` mode (quarantine ablated). 0 is the recommended research
             setting. Whenever the mask's forward mode differs from the sampling mode ("mismatched rows"), `rho`
@@ -80,6 +85,9 @@ class RoutedGRPOConfig(GRPOConfig):
     placebo_seed: int = field(default=0, metadata={"help": "Seed of the Haar-random placebo direction."})
     route_tail_q: float = field(default=0.1, metadata={"help": "Symmetric gate tail mass, in (0, 0.5)."})
     act_buffer_size: int = field(default=8192, metadata={"help": "Capacity of the activation buffer (rollouts)."})
+    gate_warmup_rollouts: int = field(
+        default=0, metadata={"help": "Rollouts absorbed while the buffer fills, before the gate routes (0 = none)."}
+    )
     gen_deploy_frac: float = field(
         default=0.0, metadata={"help": "Fraction of rollouts sampled with the quarantine ablated, in [0, 1]."}
     )
@@ -111,6 +119,10 @@ class RoutedGRPOConfig(GRPOConfig):
             raise ValueError(f"mismatch_ratio_cap must be > 1 or None, got {self.mismatch_ratio_cap}")
         if self.act_buffer_size < 1:
             raise ValueError(f"act_buffer_size must be >= 1, got act_buffer_size={self.act_buffer_size}")
+        if self.gate_warmup_rollouts < 0:
+            raise ValueError(
+                f"gate_warmup_rollouts must be >= 0, got gate_warmup_rollouts={self.gate_warmup_rollouts}"
+            )
         if self.adapter_rank < 1:
             raise ValueError(f"adapter_rank must be >= 1, got adapter_rank={self.adapter_rank}")
         if self.vact_sampling_mode not in ("deploy", "full"):

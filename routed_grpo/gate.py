@@ -12,7 +12,10 @@ What it covers (DESIGN.md section 3, steps 4-5, invariant I6):
 - `gather_activations`: every process receives the same rank-ordered concatenation of all processes'
   activations (variable row counts are padded for the collective and trimmed afterwards), so every rank holds
   the same buffer and therefore the same thresholds.
-- `Gate` / `GateDecision`: wires the above for one generation batch.
+- `Gate` / `GateDecision`: wires the above for one generation batch. With `warmup_rollouts = W > 0`, the first W
+  rollouts of the run (counted globally, in order) are all absorbed while their activations fill the buffer, so
+  the first thresholds are quantiles of W rollouts rather than of the first batch alone (without a warm-up, the
+  first batch is split about `route_tail_q` / rest / `route_tail_q` whatever it holds; a 4-row batch 25/50/25).
 
 What it does not cover: producing the activations (routed_grpo/adapter.py captures them), extracting `v_act`
 (routed_grpo/vact.py) and applying the masks in the forward (adapter and trainer). Nothing here takes or
@@ -178,6 +181,7 @@ class GateDecision:
 
     scores (N,), zones (N,) long, m (N,), d (N,): this process's rows, in the order they were given.
     lo, hi: thresholds over the whole (global) buffer. buffer_size: rows in the buffer after the append.
+    warmup_rows: rows of the global batch absorbed by the warm-up (their zones are ABSORB whatever their scores).
     zone_frac: share of the global batch (all processes' rows) in each zone, keyed by ZONE_NAMES.
     """
 
@@ -189,6 +193,7 @@ class GateDecision:
     hi: float
     buffer_size: int
     zone_frac: dict[str, float]
+    warmup_rows: int = 0  # rows of the global batch absorbed because the warm-up was not over
 
 
 class Gate:
@@ -201,11 +206,16 @@ class Gate:
         capacity: int = 8192,
         accelerator: Any | None = None,
         device: str | torch.device = "cpu",
+        warmup_rollouts: int = 0,
     ):
         if vact.dim() != 2:
             raise ValueError(f"vact must be (n_modules, rank); got shape {tuple(vact.shape)}")
         _check_tail_q(route_tail_q)
+        if warmup_rollouts < 0:
+            raise ValueError(f"warmup_rollouts must be >= 0; got {warmup_rollouts}")
         self.route_tail_q = route_tail_q
+        self.warmup_rollouts = warmup_rollouts
+        self.seen = 0  # rollouts of the run so far (global), the warm-up's clock; not capped by the capacity
         self.accelerator = accelerator
         self.vact = vact.detach().to(device, torch.float32).clone()
         self.buffer = ActivationBuffer(capacity, vact.shape[0], vact.shape[1], device=device)
@@ -236,16 +246,21 @@ class Gate:
         else:
             global_scores = score(global_acts.to(self.vact.device), self.vact)  # (N_global,)
         global_zones = zones_from_scores(global_scores, lo, hi)
+        warm = max(0, min(n_global, self.warmup_rollouts - self.seen))  # leading rows still in the warm-up
+        global_zones[:warm] = ABSORB
+        self.seen += n_global
         rows = slice(offset, offset + local.shape[0])
         scores, zones = global_scores[rows].to(acts.device), global_zones[rows].to(acts.device)
         m, d = masks_from_zones(zones)
-        return GateDecision(scores, zones, m, d, lo, hi, len(self.buffer), zone_fractions(global_zones))
+        return GateDecision(scores, zones, m, d, lo, hi, len(self.buffer), zone_fractions(global_zones), warm)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"vact": self.vact.clone(), "route_tail_q": self.route_tail_q, "buffer": self.buffer.state_dict()}
+        return {"vact": self.vact.clone(), "route_tail_q": self.route_tail_q, "buffer": self.buffer.state_dict(),
+                "seen": self.seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.set_vact(state["vact"])
         _check_tail_q(float(state["route_tail_q"]))
         self.route_tail_q = float(state["route_tail_q"])
         self.buffer.load_state_dict(state["buffer"])
+        self.seen = int(state.get("seen", len(self.buffer)))  # checkpoints before the warm-up: at least the buffer

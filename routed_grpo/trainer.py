@@ -96,6 +96,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
                 args.act_buffer_size,
                 self.accelerator,
                 self.accelerator.device,
+                warmup_rollouts=args.gate_warmup_rollouts,
             )
 
     def _reject_unsupported(self) -> None:

@@ -2,15 +2,13 @@
 
 What it covers (DESIGN.md section 3 step 4, invariant I5):
 
-- `pooled_pair_activations`: forward passes only (`no_grad`, eval mode, batched, deterministic) over each pair's
-  prompt + completion, capturing the deployed block's bottleneck `A_dep x` mean-pooled over the completion tokens,
-  `[n_pairs, n_modules, r]` for the hack side and the clean side. The prompt is rendered with the tokenizer's own
-  chat template (`add_generation_prompt=True`); prompt and completion are tokenised separately and concatenated,
-  as in a GRPO rollout, and the completion gets the tokenizer's EOS token, as TRL's completion mask counts it.
-- `unit_mean_difference` / `extract_vact`: per module, `unit(mean over pairs of (h_hack - h_clean))`.
+- `unit_mean_difference` / `extract_vact`: per module, `unit(mean over pairs of (h_hack - h_clean))`, from the
+  pooled deployed bottleneck `A_dep x` of forward passes only (`routed_grpo.activations.pooled_pair_activations`,
+  re-exported here with `pooled_completion_activations`).
 - `haar_placebo`: a direction drawn uniformly on each module's unit sphere (normalised Gaussian), seeded.
-- `save_vact` / `load_vact`: safetensors with JSON metadata; loading against an adapter checks module names,
-  shapes and the adapter fingerprint and names the first module that does not match.
+- `save_vact` / `load_vact`: safetensors with JSON metadata; loading against an adapter checks module names and
+  shapes (naming the first module that does not match) and the adapter fingerprint part by part
+  (`check_fingerprint`: seed, rank, targets, module shapes, base weights; never the dtype or device).
 - `auroc`: rank-based AUROC of two score samples (a measurement for `pairs score`).
 
 What it does not cover: the adapter and its hooks (routed_grpo/adapter.py), the pairs file format
@@ -29,7 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from routed_grpo.utils import atomic_path, batched, encode_rollout
+from routed_grpo.activations import pooled_completion_activations, pooled_pair_activations  # noqa: F401 (re-export)
+from routed_grpo.utils import atomic_path
 
 if TYPE_CHECKING:
     from routed_grpo.adapter import RoutedAdapter
@@ -65,73 +64,25 @@ def haar_placebo(like: Tensor, seed: int) -> Tensor:
     return (x / x.norm(dim=-1, keepdim=True)).float()
 
 
-def _batch(tokenizer: Any, prompts: Sequence[list[dict]], completions: Sequence[str]) -> dict[str, Tensor]:
-    """Right-padded input_ids, attention_mask and the completion-token mask, all (B, T)."""
-    encoded = [encode_rollout(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
-    width = max(len(ids) for ids, _ in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    completion = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(encoded):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-        completion[i, n_prompt : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
-
-
-@torch.no_grad()
-def pooled_completion_activations(
+def extract_vact(
     adapter: RoutedAdapter,
     tokenizer: Any,
-    prompts: Sequence[list[dict]],
-    completions: Sequence[str],
+    pairs: Sequence[Pair],
     batch_size: int = 8,
     mode: str = "full",
-) -> Tensor:
-    """Pooled deployed bottleneck over each completion's tokens, in `mode`: (N, n_modules, r) float32 on CPU."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    model = adapter.model
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()  # deterministic: no dropout
-    out = []
-    try:
-        rows = list(zip(prompts, completions, strict=True))
-        for chunk in batched(rows, batch_size):
-            batch = _batch(tokenizer, [p for p, _ in chunk], [c for _, c in chunk])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with adapter.sampling_mode(mode), adapter.capture(batch["completion_mask"]):
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            out.append(adapter.pooled().float().cpu())  # (b, M, r)
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
-
-
-def pooled_pair_activations(
-    adapter: RoutedAdapter, tokenizer: Any, pairs: Sequence[Pair], batch_size: int = 8, mode: str = "full"
-) -> tuple[Tensor, Tensor]:
-    """(hack, clean) pooled activations, each (P, n_modules, r), for the pairs' shared prompts."""
-    if not pairs:
-        raise ValueError("no pairs given")
-    prompts = [p.messages() for p in pairs]
-    h_hack = pooled_completion_activations(adapter, tokenizer, prompts, [p.hack for p in pairs], batch_size, mode)
-    h_clean = pooled_completion_activations(adapter, tokenizer, prompts, [p.clean for p in pairs], batch_size, mode)
-    return h_hack, h_clean
-
-
-def extract_vact(
-    adapter: RoutedAdapter, tokenizer: Any, pairs: Sequence[Pair], batch_size: int = 8, mode: str = "full"
+    progress: bool = False,
 ) -> Tensor:
     """`v_act` (n_modules, r): per module, the unit mean of `h_hack - h_clean` over the pairs (I5)."""
-    h_hack, h_clean = pooled_pair_activations(adapter, tokenizer, pairs, batch_size, mode)
+    h_hack, h_clean = pooled_pair_activations(adapter, tokenizer, pairs, batch_size, mode, progress)
     return unit_mean_difference(h_hack, h_clean, adapter.module_names)
 
 
+ADAPTER_FIELDS = ("adapter_rank", "adapter_alpha", "adapter_targets", "init_seed", "module_names",
+                  "adapter_fingerprint", "adapter_fingerprint_parts")
+
+
 def adapter_metadata(adapter: RoutedAdapter) -> dict[str, Any]:
-    """The adapter fields a `v_act` file records (and `load_vact` checks)."""
+    """The adapter fields (ADAPTER_FIELDS) a `v_act` or activations file records and `check_vact_matches` checks."""
     config = adapter.model.peft_config.get("deployed")
     return {
         "adapter_rank": adapter.rank,
@@ -140,6 +91,7 @@ def adapter_metadata(adapter: RoutedAdapter) -> dict[str, Any]:
         "init_seed": getattr(adapter, "init_seed", None),
         "module_names": list(adapter.module_names),
         "adapter_fingerprint": adapter.fingerprint(),
+        "adapter_fingerprint_parts": adapter.fingerprint_parts(),
     }
 
 
@@ -187,32 +139,88 @@ def _decode(value: str) -> Any:
         return value
 
 
-def check_vact_matches(vact: Tensor, metadata: dict[str, Any], adapter: RoutedAdapter, source: str = "v_act") -> None:
-    """Raise VactError naming the first module whose name or shape differs, or a fingerprint mismatch."""
+def check_vact_matches(vact: Tensor, metadata: dict[str, Any], adapter: RoutedAdapter | dict[str, Any],
+                       source: str = "v_act", against: str = "the adapter") -> None:
+    """Raise VactError naming the first module whose name or shape differs, or the fingerprint parts that differ.
+
+    `adapter` is a RoutedAdapter or the metadata of another file made with one (a pair-activations cache)."""
+    if isinstance(adapter, dict):
+        expected, rank = list(adapter.get("module_names") or []), adapter.get("adapter_rank")
+    else:
+        expected, rank = list(adapter.module_names), adapter.rank
     names = list(metadata.get("module_names") or [])
-    expected = list(adapter.module_names)
     for i in range(max(len(names), len(expected))):
         have = names[i] if i < len(names) else "<none>"
         want = expected[i] if i < len(expected) else "<none>"
         if have != want:
             raise VactError(
-                f"{source} does not match the adapter at module #{i}: v_act has {have!r}, the adapter has {want!r} "
-                f"(v_act shape {tuple(vact.shape)} for {len(names)} modules, adapter {len(expected)} modules x "
-                f"rank {adapter.rank})"
+                f"{source} does not match {against} at module #{i}: v_act has {have!r}, {against} has {want!r} "
+                f"(v_act shape {tuple(vact.shape)} for {len(names)} modules, {against} {len(expected)} modules x "
+                f"rank {rank})"
             )
-    if tuple(vact.shape) != (len(expected), adapter.rank):
+    if tuple(vact.shape) != (len(expected), rank):
         module = expected[0] if expected else "<none>"
         raise VactError(
-            f"{source} does not match the adapter at module {module!r}: v_act row shape {tuple(vact.shape[1:])} "
-            f"(whole v_act {tuple(vact.shape)}), adapter deployed bottleneck shape ({adapter.rank},) "
-            f"(needs {(len(expected), adapter.rank)})"
+            f"{source} does not match {against} at module {module!r}: v_act row shape {tuple(vact.shape[1:])} "
+            f"(whole v_act {tuple(vact.shape)}), {against}'s deployed bottleneck shape ({rank},) "
+            f"(needs {(len(expected), rank)})"
         )
-    stored = metadata.get("adapter_fingerprint")
-    if stored is not None and stored != adapter.fingerprint():
+    check_fingerprint(metadata, adapter, source, against)
+
+
+_PART_WORDS = {
+    "seed": "init seed",
+    "rank": "rank",
+    "targets": "target modules",
+    "module_shapes": "module names or shapes",
+    "base_weights": "base weights (sampled entries of the first, middle and last weight matrix differ beyond bf16 "
+    "precision: another base model or checkpoint)",
+}
+
+
+def describe_mismatch(stored: dict[str, Any], current: dict[str, Any], differ: Sequence[str], against: str) -> str:
+    """`init seed 0 in the file, 1 in this adapter; ...` for the differing fingerprint parts."""
+    out = []
+    for part in differ:
+        if part in ("seed", "rank", "targets"):
+            out.append(f"{_PART_WORDS[part]} {stored.get(part)!r} in the file, {current.get(part)!r} in {against}")
+        else:
+            out.append(f"{_PART_WORDS[part]} differ")
+    return "; ".join(out)
+
+
+def check_fingerprint(metadata: dict[str, Any], adapter: RoutedAdapter | dict[str, Any], source: str,
+                      against: str = "the adapter") -> None:
+    """Raise VactError naming each fingerprint part (seed, rank, targets, module shapes, base weights) in which
+    the file's adapter differs from `adapter` (a RoutedAdapter or another file's metadata). The dtype and device
+    the weights are loaded in do not count. A file without fingerprint parts (routed-grpo <= 0.1) is accepted only
+    if its old, dtype-dependent fingerprint still matches."""
+    stored_fp, stored = metadata.get("adapter_fingerprint"), metadata.get("adapter_fingerprint_parts")
+    if isinstance(adapter, dict):
+        current, current_fp = adapter.get("adapter_fingerprint_parts"), adapter.get("adapter_fingerprint")
+        legacy = None
+    else:
+        current, current_fp, legacy = adapter.fingerprint_parts(), adapter.fingerprint(), adapter.legacy_fingerprint
+    if stored is None or current is None:
+        if stored_fp is None or current_fp is None or stored_fp == current_fp:
+            return
+        if stored is None and legacy is not None and stored_fp == legacy():
+            return
         raise VactError(
-            f"{source} was extracted with adapter fingerprint {stored}, this adapter has {adapter.fingerprint()} "
-            f"(init_seed, rank, targets or model differ: v_act {tuple(vact.shape)}, adapter "
-            f"{(len(expected), adapter.rank)})"
+            f"{source} has an old-format adapter fingerprint {stored_fp} (routed-grpo <= 0.1 hashed a base weight's "
+            f"bytes, so it also changes with the dtype the model is loaded in) that does not match {against}: the "
+            f"init seed, rank, targets, base model or load dtype differ (file: seed {metadata.get('init_seed')!r}, "
+            f"rank {metadata.get('adapter_rank')!r}, targets {metadata.get('adapter_targets')!r}). Re-extract it "
+            "with this version (`routed-grpo pairs extract`) to get a dtype-independent fingerprint"
+        )
+    from routed_grpo.adapter import fingerprint_mismatch
+
+    differ = fingerprint_mismatch(stored, current)
+    if differ:
+        raise VactError(
+            f"{source} was made for another adapter or base model than {against}: "
+            f"{describe_mismatch(stored, current, differ, against)} (fingerprint {stored_fp} vs {current_fp}; "
+            "the dtype and device the weights are loaded in do not count)"
         )
 
 

@@ -1,5 +1,7 @@
 """Invariants I1-I3 of the two-block adapter, capture, export and the quantised base."""
 
+import os
+
 import pytest
 import torch
 from conftest import make_model
@@ -154,7 +156,12 @@ def test_deployed_export_round_trips_through_stock_peft(tokenizer, tmp_path):
     ids = _ids(tokenizer)
     with adapter.deployment_ablation():
         expected = adapter.model(input_ids=ids).logits
-    adapter.export_deployed(tmp_path / "deployed")
+    old_umask = os.umask(0o027)
+    try:
+        adapter.export_deployed(tmp_path / "deployed")
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "deployed" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o640  # the user's umask
     loaded = PeftModel.from_pretrained(make_model(len(tokenizer), seed=7), str(tmp_path / "deployed"))
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
     merged = loaded.merge_and_unload()
@@ -176,6 +183,8 @@ def test_4bit_base_forward_and_backward(tokenizer, tmp_path):
     adapter = attach_routed_adapter(base, rank=4)
     assert adapter.module_names, "the adapter must attach to the 4-bit Linear layers"
     assert "Linear4bit" in type(adapter.layers[adapter.module_names[0]]).__name__
+    parts = adapter.fingerprint_parts()
+    assert parts["base_quantised"] is not None and len(parts["base_sample"]) > 0  # packed bytes kept apart
     _perturb(adapter)
     ids = _ids(tokenizer, n=2)
     dep, q = _masked_grads(adapter, ids, [KEEP, ROUTE])

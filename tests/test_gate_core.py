@@ -157,3 +157,40 @@ def test_single_process_gather_is_identity():
     out, offset = gather_with_offset(acts)
     assert offset == 0
     assert torch.equal(out, acts)
+
+
+def test_warmup_absorbs_every_row_until_its_count_while_the_buffer_fills():
+    gate = Gate(E0, route_tail_q=0.25, capacity=64, warmup_rollouts=10)
+    first = gate.step(rows(0.0, 1.0, 2.0, 3.0))  # without the warm-up: 25/50/25 (KEEP, ABSORB, ABSORB, ROUTE)
+    assert first.zones.tolist() == [ABSORB] * 4 and first.warmup_rows == 4
+    assert_close(first.m, torch.ones(4))
+    assert_close(first.d, torch.zeros(4))
+    assert gate.step(rows(-5.0, 50.0, -6.0, 60.0)).zones.tolist() == [ABSORB] * 4  # extreme scores: still absorbed
+    straddle = gate.step(rows(-7.0, 70.0, -8.0, 80.0))  # rollouts 8, 9 in the warm-up; 10, 11 gated
+    # the buffer holds all 12 rows: scores 0..3, -5, 50, -6, 60, -7, 70, -8, 80 -> q(0.25) = -5.25, q(0.75) = 52.5
+    assert straddle.buffer_size == 12 and straddle.warmup_rows == 2
+    assert (straddle.lo, straddle.hi) == pytest.approx((-5.25, 52.5))
+    assert straddle.zones.tolist() == [ABSORB, ABSORB, KEEP, ROUTE]
+    after = gate.step(rows(-9.0, 90.0))
+    assert after.zones.tolist() == [KEEP, ROUTE] and after.warmup_rows == 0
+    assert gate.seen == 14
+
+
+def test_warmup_clock_survives_a_checkpoint_and_is_validated():
+    a = Gate(E0, route_tail_q=0.25, capacity=4, warmup_rollouts=6)
+    a.step(rows(0.0, 1.0, 2.0, 3.0))
+    a.step(rows(4.0, 5.0, 6.0))  # 7 rollouts seen, more than the capacity: the clock is not the buffer size
+    b = Gate(E0, route_tail_q=0.25, capacity=4, warmup_rollouts=8)
+    b.load_state_dict(a.state_dict())
+    assert b.seen == 7
+    assert b.step(rows(10.0, 11.0)).zones.tolist() == [ABSORB, ROUTE]  # rollout 7 absorbed, rollout 8 gated
+    with pytest.raises(ValueError, match="warmup_rollouts"):
+        Gate(E0, warmup_rollouts=-1)
+
+
+def test_config_rejects_a_negative_warmup(tmp_path):
+    from routed_grpo.config import RoutedGRPOConfig
+
+    with pytest.raises(ValueError, match="gate_warmup_rollouts=-4"):
+        RoutedGRPOConfig(output_dir=str(tmp_path), routing="placebo", gate_warmup_rollouts=-4, use_cpu=True,
+                         bf16=False, report_to="none")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["adapter", "config", "gate", "loss", "pairs", "trainer", "vact", "utils"]
+CORE = ["activations", "adapter", "config", "gate", "generalise", "loss", "pairs", "trainer", "vact", "utils"]
 
 
 def test_core_modules_never_import_the_lab():

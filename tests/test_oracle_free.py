@@ -12,7 +12,7 @@ from trainer_utils import DEPLOYED, QUARANTINE, snapshot, trainer
 from routed_grpo import gate
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING_MODULES = ["adapter", "config", "gate", "loss", "pairs", "trainer", "vact"]
+TRAINING_MODULES = ["activations", "adapter", "config", "gate", "loss", "pairs", "trainer", "vact"]
 LABEL_WORDS = ("label", "hack", "correct", "hinted", "oracle", "reward")
 
 

@@ -78,7 +78,8 @@ def test_extract_bad_options_exit_2(tmp_path, tiny_model_dir, bad):
     extra = ["--mode", "sideways"] if bad == "bad_mode" else []
     result = _run("extract", "--model", model, "--pairs", pairs, "--out", tmp_path / "v.safetensors", *SMALL, *extra)
     assert result.exit_code == 2
-    assert ("no such model directory" if bad == "missing_model" else "--mode") in result.output
+    # a missing model gets transformers' own resolution error, naming what was asked for
+    assert (f"{model}: cannot load the model" if bad == "missing_model" else "--mode") in result.output
     assert not (tmp_path / "v.safetensors").exists()
 
 
@@ -90,7 +91,8 @@ def test_score_refuses_vact_of_another_adapter(tmp_path, tiny_model_dir):
     from routed_grpo.vact import save_vact
 
     forged = tmp_path / "forged.safetensors"
-    save_vact(forged, torch.zeros(4, 4) + 0.5, {**meta, "adapter_fingerprint": "0" * 16})
+    parts = {**meta["adapter_fingerprint_parts"], "base_weights": "0" * 16, "base_sample": [0.5] * 48}
+    save_vact(forged, torch.zeros(4, 4) + 0.5, {**meta, "adapter_fingerprint_parts": parts})
     result = _run("score", "--model", tiny_model_dir, "--vact", forged, "--pairs", pairs, "--device", "cpu")
     assert result.exit_code == 2
-    assert "fingerprint" in result.output
+    assert "fingerprint" in result.output and "base weights" in result.output

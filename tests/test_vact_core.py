@@ -86,11 +86,19 @@ def test_load_rejects_non_vact_file(tmp_path):
 
 
 class _StubAdapter:
+    """Names, rank and fingerprints only; `fp` plays the old (<= 0.1) fingerprint the test file records."""
+
     def __init__(self, names, rank, fingerprint="fp0"):
         self.module_names, self.rank, self._fp = names, rank, fingerprint
 
     def fingerprint(self):
+        return f"v2-{self._fp}"
+
+    def legacy_fingerprint(self):
         return self._fp
+
+    def fingerprint_parts(self):
+        return {"seed": 0, "rank": self.rank, "targets": ["q_proj"], "module_shapes": "s", "base_weights": self._fp}
 
 
 def test_load_against_mismatched_adapter_names_module_and_shapes(tmp_path):
@@ -104,7 +112,7 @@ def test_load_against_mismatched_adapter_names_module_and_shapes(tmp_path):
         load_vact(path, _StubAdapter(["layers.0.q_proj", "layers.0.k_proj"], 4))
     with pytest.raises(VactError, match="#2"):
         load_vact(path, _StubAdapter([*names, "layers.0.o_proj"], 4))
-    with pytest.raises(VactError, match="fingerprint fp0.*fp1"):
+    with pytest.raises(VactError, match="old-format adapter fingerprint fp0.*dtype.*Re-extract"):
         load_vact(path, _StubAdapter(names, 4, fingerprint="fp1"))
 
 

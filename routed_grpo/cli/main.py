@@ -19,7 +19,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", help="Show warnings kn
     quiet_known_noise(verbose)
 
 app.add_typer(sandbox_cmd.app, name="sandbox", help="Grade completions in the loophole environment.")
-app.add_typer(pairs_cmd.app, name="pairs", help="Validate (hack, clean) pairs; extract, score and placebo v_act.")
+PAIRS_HELP = "Validate (hack, clean) pairs; cache their activations; extract, score, placebo and generalise v_act."
+app.add_typer(pairs_cmd.app, name="pairs", help=PAIRS_HELP)
 app.add_typer(organism_cmd.app, name="organism", help="Build the CPU model organism.")
 app.add_typer(experiment_cmd.app, name="experiment", help="Evaluate and compare runs.")
 app.command("demo")(experiment_cmd.demo)

@@ -1,9 +1,14 @@
-"""`routed-grpo pairs`: validate (hack, clean) pairs files; extract, placebo and score `v_act`.
+"""`routed-grpo pairs`: validate (hack, clean) pairs; cache their activations; extract, placebo, score and
+generalise `v_act`.
 
-Covers the command line only; the maths and file format live in routed_grpo/vact.py, the pairs format in
-routed_grpo/pairs.py. `extract` and `score` load a causal LM from a local directory (nothing is downloaded),
-attach the routed adapter with the given rank, targets and init seed, and run forward passes only.
-Bad input exits 2 with a message naming the file, pair and field; output files are written atomically.
+Covers the command line only; the maths and file formats live in routed_grpo/vact.py, routed_grpo/activations.py
+and routed_grpo/generalise.py, the pairs format in routed_grpo/pairs.py. A `--model` is a local directory or a hub
+id (resolved by transformers, so offline a missing one gets transformers' own error), loaded in its stored dtype
+unless `--dtype` says otherwise; the routed adapter is attached with the given rank, targets and init seed and only
+forward passes run. `activations` writes a cache of the pairs' pooled activations that `extract`, `score` and
+`generalise` read with `--acts` instead of `--model` (checked against the pairs' hash and, for `score`, the
+v_act's adapter fingerprint). Bad input exits 2 with a message naming the file, pair and field; output files are
+written atomically with the user's umask.
 """
 
 from __future__ import annotations
@@ -14,92 +19,91 @@ from typing import Any
 
 import typer
 
+from routed_grpo.cli import generalise_cmd
+from routed_grpo.cli.common import (
+    DEFAULT_TARGETS,
+    check_mode,
+    fail,
+    load_acts,
+    load_adapter,
+    load_pairs,
+    pairs_hash,
+    pairs_label,
+    split,
+    targets_list,
+)
+
 app = typer.Typer(no_args_is_help=True)
+app.command("generalise")(generalise_cmd.generalise)
 
-MODES = ("full", "deploy")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def _split(values: list[str] | None) -> list[str] | None:
-    """Repeatable options that also accept comma-separated values."""
-    if not values:
-        return None
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+PAIRS_OPT = typer.Option(..., "--pairs", help="Pairs YAML file or directory (repeatable).")
+MODEL_HELP = "Local model directory or hub id (weights + tokenizer)."
+ACTS_HELP = "A cache written by `pairs activations`, instead of --model (no forward pass)."
+TAGS_OPT = typer.Option(None, "--tags", help="Keep pairs with any of these tags.")
+EXCLUDE_OPT = typer.Option(None, "--exclude-tags", help="Drop pairs with any of these tags.")
+MODE_HELP = "Sampling mode of the forward passes: full or deploy (with --acts: the cache's)."
+BATCH_OPT = typer.Option(8, "--batch-size", min=1, help="Pairs per forward (their 2x completions run together).")
+DTYPE_HELP = "auto (the checkpoint's stored dtype), float32, bfloat16 or float16."
 
 
-def _load_pairs(path: Path, tags: list[str] | None, exclude_tags: list[str] | None) -> list:
-    from routed_grpo.pairs import PairsError, load_pairs
+def _compute(model: str, adapter: Any, tokenizer: Any, loaded_dtype: str, pairs: list[Path], loaded: list,
+             tags, exclude_tags, mode: str, batch_size: int):
+    """PairActivations of the `loaded` pairs, computed with forward passes through `adapter`."""
+    from routed_grpo.activations import PairActivations, pooled_pair_activations
+    from routed_grpo.vact import adapter_metadata
 
     try:
-        return load_pairs(path, tags=tags, exclude_tags=exclude_tags)
-    except PairsError as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"{path}: cannot read pairs: {e}")
-
-
-def _load_tokenizer(model_dir: Path) -> Any:
-    """The directory's tokenizer; a tokenizer saved from a bare `tokenizers` object is loaded as
-    PreTrainedTokenizerFast (AutoTokenizer would pick the model family's class and tokenise differently)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    config_file = model_dir / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if config.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def _load_adapter(
-    model_dir: Path, rank: int, alpha: float | None, targets: list[str], init_seed: int, device: str, dtype: str
-) -> tuple[Any, Any]:
-    """(adapter, tokenizer) for a local model directory."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from routed_grpo.adapter import attach_routed_adapter
-
-    if not model_dir.is_dir():
-        _fail(f"{model_dir}: no such model directory")
-    if dtype not in DTYPES:
-        _fail(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    try:
-        tokenizer = _load_tokenizer(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as e:
-        _fail(f"{model_dir}: cannot load the model or tokenizer: {e}")
-    model.to(_device(device))
-    try:
-        adapter = attach_routed_adapter(model, rank=rank, alpha=alpha, targets=targets, init_seed=init_seed)
+        h_hack, h_clean = pooled_pair_activations(adapter, tokenizer, loaded, batch_size, mode, progress=True)
     except ValueError as e:
-        _fail(f"cannot attach the adapter (rank {rank}, targets {targets}): {e}")
-    return adapter, tokenizer
+        fail(str(e))
+    meta = {"model_name": model, **adapter_metadata(adapter), "pairs_path": pairs_label(pairs),
+            "pairs_hash": pairs_hash(pairs), "n_pairs": len(loaded), "tag_filter": tags, "exclude_tags": exclude_tags,
+            "sampling_mode": mode, "dtype": loaded_dtype}
+    return PairActivations(h_hack, h_clean, [p.id for p in loaded], [list(p.tags) for p in loaded], meta)
+
+
+def _up_to_date(out: Path, ids: list[str], digest: str, mode: str, dtype: str, adapter: Any) -> bool:
+    """True if `out` is a cache of exactly these pairs (ids and hash), mode and dtype, made with `adapter`'s
+    fingerprint parts (whatever the dtype), so it can be reused without a forward pass."""
+    from routed_grpo.activations import ActivationsError, load_pair_activations
+    from routed_grpo.adapter import fingerprint_mismatch
+
+    if not out.exists():
+        return False
+    try:
+        old = load_pair_activations(out)
+    except ActivationsError:
+        return False  # not a cache (or another version of one): recompute and replace it
+    meta = old.metadata
+    same = (old.pair_ids, meta.get("pairs_hash"), meta.get("sampling_mode"), meta.get("dtype")) == (ids, digest, mode,
+                                                                                                    dtype)
+    return same and not fingerprint_mismatch(meta.get("adapter_fingerprint_parts") or {}, adapter.fingerprint_parts())
+
+
+def _cached(acts: Path, pairs: list[Path] | None, tags, exclude_tags, mode: str | None):
+    cache = load_acts(acts, pairs, tags, exclude_tags)
+    if mode is not None and mode != cache.metadata.get("sampling_mode"):
+        fail(f"{acts}: field 'sampling_mode' is {cache.metadata.get('sampling_mode')!r}, but --mode {mode!r} was "
+             "asked for; write a cache in that mode with `pairs activations --mode`")
+    return cache
+
+
+def _one_source(model: str | None, acts: Path | None) -> None:
+    if (model is None) == (acts is None):
+        fail("give exactly one of --model (forward passes) and --acts (a cache from `pairs activations`)")
 
 
 @app.command()
 def validate(
     pairs: Path = typer.Argument(..., help="A pairs YAML file or a directory of them."),
-    tags: list[str] | None = typer.Option(None, "--tags", help="Keep pairs with any of these tags."),
-    exclude_tags: list[str] | None = typer.Option(None, "--exclude-tags", help="Drop pairs with any of these tags."),
+    tags: list[str] | None = TAGS_OPT,
+    exclude_tags: list[str] | None = EXCLUDE_OPT,
     run_checks: bool = typer.Option(False, "--run-checks", help="Run each clean side against its `checks`."),
 ) -> None:
     """Validate pairs files and print counts per hack mode and domain."""
     from routed_grpo.pairs import check_pairs, summarize_pairs
 
-    loaded = _load_pairs(pairs, _split(tags), _split(exclude_tags))
+    loaded = load_pairs([pairs], split(tags), split(exclude_tags))
     typer.echo(json.dumps(summarize_pairs(loaded), indent=2))
     if run_checks:
         failures = {pid: why for pid, why in check_pairs(loaded, side="clean").items() if why is not None}
@@ -111,62 +115,90 @@ def validate(
 
 
 @app.command()
-def extract(
-    model: Path = typer.Option(..., "--model", help="Local model directory (weights + tokenizer)."),
-    pairs: Path = typer.Option(..., "--pairs", help="Pairs YAML file or directory."),
-    out: Path = typer.Option(..., "--out", help="Output v_act safetensors file."),
+def activations(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    pairs: list[Path] = PAIRS_OPT,
+    out: Path = typer.Option(..., "--out", help="Output cache (safetensors)."),
     rank: int = typer.Option(8, "--rank", help="Adapter rank r per block."),
     alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha (default: rank)."),
-    targets: str = typer.Option(
-        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--targets", help="Comma-separated targets."
-    ),
+    targets: str = typer.Option(DEFAULT_TARGETS, "--targets", help="Comma-separated target modules."),
     init_seed: int = typer.Option(0, "--init-seed", help="Seed of the adapter's initial A matrices."),
-    tags: list[str] | None = typer.Option(None, "--tags", help="Keep pairs with any of these tags."),
-    exclude_tags: list[str] | None = typer.Option(None, "--exclude-tags", help="Drop pairs with any of these tags."),
+    tags: list[str] | None = TAGS_OPT,
+    exclude_tags: list[str] | None = EXCLUDE_OPT,
     mode: str = typer.Option("full", "--mode", help="Sampling mode of the forward passes: full or deploy."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = BATCH_OPT,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    force: bool = typer.Option(False, "--force", help="Recompute even if --out is an up-to-date cache."),
 ) -> None:
-    """Extract v_act = per-module unit(mean(h_hack - h_clean)) with forward passes only."""
-    from routed_grpo.pairs import pairs_hash
-    from routed_grpo.vact import adapter_metadata, extract_vact, save_vact
+    """Cache the pairs' pooled hack and clean activations once, for `extract`, `score` and `generalise --acts`."""
+    from routed_grpo.activations import save_pair_activations
 
-    if mode not in MODES:
-        _fail(f"--mode must be one of {', '.join(MODES)}; got {mode!r}")
-    tag_list, exclude_list = _split(tags), _split(exclude_tags)
-    loaded = _load_pairs(pairs, tag_list, exclude_list)
-    target_list = [t.strip() for t in targets.split(",") if t.strip()]
-    adapter, tokenizer = _load_adapter(model, rank, alpha, target_list, init_seed, device, dtype)
+    check_mode(mode)
+    tag_list, exclude_list = split(tags), split(exclude_tags)
+    loaded = load_pairs(pairs, tag_list, exclude_list)
+    adapter, tokenizer, loaded_dtype = load_adapter(model, rank, alpha, targets_list(targets), init_seed, device,
+                                                    dtype)
+    if not force and _up_to_date(out, [p.id for p in loaded], pairs_hash(pairs), mode, loaded_dtype, adapter):
+        typer.echo(f"up to date: {out} ({len(loaded)} pairs, {mode} mode, {loaded_dtype}); no forward pass run "
+                   "(--force recomputes)")
+        return
+    cache = _compute(model, adapter, tokenizer, loaded_dtype, pairs, loaded, tag_list, exclude_list, mode,
+                     batch_size)
+    save_pair_activations(out, cache)
+    typer.echo(f"wrote {out}: activations {tuple(cache.hack.shape)} x 2 (hack, clean) of {len(cache.pair_ids)} "
+               f"pairs ({mode} mode, {loaded_dtype})")
+
+
+@app.command()
+def extract(
+    pairs: list[Path] = PAIRS_OPT,
+    out: Path = typer.Option(..., "--out", help="Output v_act safetensors file."),
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
+    acts: Path | None = typer.Option(None, "--acts", help=ACTS_HELP),
+    rank: int = typer.Option(8, "--rank", help="Adapter rank r per block (with --model)."),
+    alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha (default: rank)."),
+    targets: str = typer.Option(DEFAULT_TARGETS, "--targets", help="Comma-separated target modules."),
+    init_seed: int = typer.Option(0, "--init-seed", help="Seed of the adapter's initial A matrices."),
+    tags: list[str] | None = TAGS_OPT,
+    exclude_tags: list[str] | None = EXCLUDE_OPT,
+    mode: str | None = typer.Option(None, "--mode", help=MODE_HELP),
+    batch_size: int = BATCH_OPT,
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+) -> None:
+    """Extract v_act = per-module unit(mean(h_hack - h_clean)) with forward passes only (or from a cache)."""
+    from routed_grpo.vact import ADAPTER_FIELDS, save_vact, unit_mean_difference
+
+    _one_source(model, acts)
+    tag_list, exclude_list = split(tags), split(exclude_tags)
+    if acts is not None:
+        cache = _cached(acts, pairs, tag_list, exclude_list, mode)
+    else:
+        loaded = load_pairs(pairs, tag_list, exclude_list)
+        adapter, tokenizer, loaded_dtype = load_adapter(model, rank, alpha, targets_list(targets), init_seed, device,
+                                                        dtype)
+        cache = _compute(model, adapter, tokenizer, loaded_dtype, pairs, loaded, tag_list, exclude_list,
+                         check_mode(mode or "full"), batch_size)
+    meta = cache.metadata
     try:
-        vact = extract_vact(adapter, tokenizer, loaded, batch_size=batch_size, mode=mode)
+        vact = unit_mean_difference(cache.hack, cache.clean, meta.get("module_names"))
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     metadata = {
-        "kind": "vact",
-        "seed": None,
-        "model_name": str(model),
-        **adapter_metadata(adapter),
-        "pairs_path": str(pairs),
-        "pairs_hash": pairs_hash(pairs),
-        "n_pairs": len(loaded),
-        "tags": tag_list,
-        "exclude_tags": exclude_list,
-        "sampling_mode": mode,
+        "kind": "vact", "seed": None, "model_name": meta.get("model_name"),
+        **{k: meta[k] for k in ADAPTER_FIELDS if k in meta},
+        "pairs_path": pairs_label(pairs), "pairs_hash": meta.get("pairs_hash"), "n_pairs": len(cache.pair_ids),
+        "tags": tag_list, "exclude_tags": exclude_list, "sampling_mode": meta.get("sampling_mode"),
+        "dtype": meta.get("dtype"), **({"acts": str(acts)} if acts is not None else {}),
     }
     save_vact(out, vact, metadata)
-    typer.echo(f"wrote {out}: v_act {tuple(vact.shape)} from {len(loaded)} pairs ({mode} mode)")
+    typer.echo(f"wrote {out}: v_act {tuple(vact.shape)} from {len(cache.pair_ids)} pairs "
+               f"({metadata['sampling_mode']} mode, {metadata['dtype']})")
 
 
-PLACEBO_KEEP = (
-    "model_name",
-    "adapter_rank",
-    "adapter_alpha",
-    "adapter_targets",
-    "init_seed",
-    "module_names",
-    "adapter_fingerprint",
-)
+PLACEBO_KEEP = ("model_name", "adapter_rank", "adapter_alpha", "adapter_targets", "init_seed", "module_names",
+                "adapter_fingerprint", "adapter_fingerprint_parts")
 
 
 @app.command()
@@ -181,7 +213,7 @@ def placebo(
     try:
         reference, meta = load_vact(like)
     except VactError as e:
-        _fail(str(e))
+        fail(str(e))
     metadata = {k: meta[k] for k in PLACEBO_KEEP if k in meta}
     metadata.update({"kind": "placebo", "seed": seed, "like": str(like)})
     save_vact(out, haar_placebo(reference, seed), metadata)
@@ -190,51 +222,54 @@ def placebo(
 
 @app.command()
 def score(
-    model: Path = typer.Option(..., "--model", help="Local model directory (weights + tokenizer)."),
     vact: Path = typer.Option(..., "--vact", help="A v_act (or placebo) safetensors file."),
-    pairs: Path = typer.Option(..., "--pairs", help="Pairs YAML file or directory."),
-    tags: list[str] | None = typer.Option(None, "--tags", help="Keep pairs with any of these tags."),
-    exclude_tags: list[str] | None = typer.Option(None, "--exclude-tags", help="Drop pairs with any of these tags."),
-    mode: str | None = typer.Option(None, "--mode", help="full or deploy (default: the file's sampling mode)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    pairs: list[Path] = PAIRS_OPT,
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
+    acts: Path | None = typer.Option(None, "--acts", help=ACTS_HELP),
+    tags: list[str] | None = TAGS_OPT,
+    exclude_tags: list[str] | None = EXCLUDE_OPT,
+    mode: str | None = typer.Option(None, "--mode", help="full or deploy (default: the v_act file's mode)."),
+    batch_size: int = BATCH_OPT,
     device: str = typer.Option("auto", "--device"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Print each pair's hack and clean scores against a v_act and the AUROC of hack vs clean."""
     from routed_grpo.gate import score as score_acts
-    from routed_grpo.vact import VactError, auroc, check_vact_matches, load_vact, pooled_pair_activations
+    from routed_grpo.vact import VactError, auroc, check_vact_matches, load_vact
 
+    _one_source(model, acts)
     try:
         direction, meta = load_vact(vact)
     except VactError as e:
-        _fail(str(e))
-    mode = mode or meta.get("sampling_mode") or "full"
-    if mode not in MODES:
-        _fail(f"--mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if not isinstance(meta.get("adapter_rank"), int) or not meta.get("adapter_targets"):
-        _fail(f"{vact}: metadata lacks adapter_rank / adapter_targets; cannot rebuild its adapter")
-    loaded = _load_pairs(pairs, _split(tags), _split(exclude_tags))
-    adapter, tokenizer = _load_adapter(
-        model,
-        meta["adapter_rank"],
-        meta.get("adapter_alpha"),
-        list(meta["adapter_targets"]),
-        int(meta.get("init_seed") or 0),
-        device,
-        dtype,
-    )
-    try:
-        check_vact_matches(direction, meta, adapter, source=str(vact))
-    except VactError as e:
-        _fail(str(e))
-    h_hack, h_clean = pooled_pair_activations(adapter, tokenizer, loaded, batch_size=batch_size, mode=mode)
-    s_hack, s_clean = score_acts(h_hack, direction), score_acts(h_clean, direction)
-    width = max(len(p.id) for p in loaded)
+        fail(str(e))
+    tag_list, exclude_list = split(tags), split(exclude_tags)
+    source = str(vact)
+    if acts is not None:
+        cache = _cached(acts, pairs, tag_list, exclude_list, mode)
+        mode = cache.metadata.get("sampling_mode")
+        try:
+            check_vact_matches(direction, meta, cache.metadata, source=source, against=f"the cache {acts}")
+        except VactError as e:
+            fail(str(e))
+    else:
+        mode = check_mode(mode or meta.get("sampling_mode") or "full")
+        if not isinstance(meta.get("adapter_rank"), int) or not meta.get("adapter_targets"):
+            fail(f"{vact}: metadata lacks adapter_rank / adapter_targets; cannot rebuild its adapter")
+        loaded = load_pairs(pairs, tag_list, exclude_list)
+        adapter, tokenizer, loaded_dtype = load_adapter(model, meta["adapter_rank"], meta.get("adapter_alpha"),
+                                                        list(meta["adapter_targets"]), int(meta.get("init_seed") or 0),
+                                                        device, dtype)
+        try:
+            check_vact_matches(direction, meta, adapter, source=source)
+        except VactError as e:
+            fail(str(e))
+        cache = _compute(model, adapter, tokenizer, loaded_dtype, pairs, loaded, tag_list, exclude_list, mode,
+                         batch_size)
+    s_hack, s_clean = score_acts(cache.hack, direction), score_acts(cache.clean, direction)
+    width = max(len(pid) for pid in cache.pair_ids)
     typer.echo(f"{'pair':<{width}}  {'hack':>10}  {'clean':>10}  {'hack-clean':>10}")
-    for p, h, c in zip(loaded, s_hack.tolist(), s_clean.tolist(), strict=True):
-        typer.echo(f"{p.id:<{width}}  {h:>10.4f}  {c:>10.4f}  {h - c:>10.4f}")
+    for pid, h, c in zip(cache.pair_ids, s_hack.tolist(), s_clean.tolist(), strict=True):
+        typer.echo(f"{pid:<{width}}  {h:>10.4f}  {c:>10.4f}  {h - c:>10.4f}")
     wins = int((s_hack > s_clean).sum())
-    typer.echo(
-        f"AUROC hack vs clean: {auroc(s_hack, s_clean):.4f}  "
-        f"(hack > clean in {wins}/{len(loaded)} pairs; {meta.get('kind', 'vact')} {vact.name}, {mode} mode)"
-    )
+    typer.echo(f"AUROC hack vs clean: {auroc(s_hack, s_clean):.4f}  (hack > clean in {wins}/{len(cache.pair_ids)} "
+               f"pairs; {meta.get('kind', 'vact')} {vact.name}, {mode} mode)")

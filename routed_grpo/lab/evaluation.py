@@ -154,7 +154,11 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[RoutedAdap
     final = run_dir / "final"
     if not (final / DEPLOYED).is_dir() or not (final / QUARANTINE).is_dir():
         raise FileNotFoundError(f"{final}: missing the '{DEPLOYED}' or '{QUARANTINE}' adapter (did training finish?)")
-    base = AutoModelForCausalLM.from_pretrained(config["model"]["model_name_or_path"])
+    name = config["model"]["model_name_or_path"]
+    try:  # a local directory or a hub id (at the run's revision), resolved by transformers; offline, its own error
+        base = AutoModelForCausalLM.from_pretrained(name, revision=config["model"].get("model_revision") or "main")
+    except OSError as e:
+        raise OSError(f"{name}: cannot load the run's base model: {e}") from None
     model = PeftModel.from_pretrained(base, str(final / DEPLOYED), adapter_name=DEPLOYED)
     model.load_adapter(str(final / QUARANTINE), adapter_name=QUARANTINE)
     model.base_model.set_adapter([DEPLOYED, QUARANTINE])

@@ -46,7 +46,7 @@ def eval_cmd(
 
     try:
         result = evaluate_run(run_dir, n=n, seed=seed, workers=workers, progress=True)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError) as err:  # OSError: transformers cannot resolve the base model id
         _fail(err)
     typer.echo(json.dumps(result, indent=2) if as_json else eval_table(result))
     typer.echo(f"\nwrote {run_dir / 'eval.json'}")
