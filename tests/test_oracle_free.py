@@ -12,7 +12,9 @@ from trainer_utils import DEPLOYED, QUARANTINE, snapshot, trainer
 from routed_grpo import gate
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING_MODULES = ["adapter", "config", "gate", "loss", "pairs", "trainer", "vact"]
+TRAINING_MODULES = [
+    "adapter", "behaviour", "config", "gate", "loss", "pairs", "routing_state", "trainer", "vact", "vllm_sync"
+]
 LABEL_WORDS = ("label", "hack", "correct", "hinted", "oracle", "reward")
 
 
