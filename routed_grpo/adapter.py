@@ -10,11 +10,13 @@ and the deployed export for free: the deployed block *is* a stock LoRA adapter, 
 
 What this module adds on top of PEFT, all through forward hooks (never by toggling adapters, which in PEFT and
 TRL switches every adapter and re-enables gradients on exit):
-- per-row output masks `(m, d)` (DESIGN.md section 2): where `m = 0` the quarantine block's output is REPLACED by
-  zeros (`torch.where`, not a product, so a non-finite quarantine cannot turn into NaN there); where `d = 1` the
-  deployed block's output stays in the forward but is detached. Masks are moved to the device once per
-  `set_row_masks` call and stay set until `clear_row_masks()`, because gradient checkpointing re-runs the forward
-  hooks during backward;
+- per-row output masks `(m, d)` (DESIGN.md section 2): where `m = 0` the quarantine block contributes exact zeros
+  (`torch.where`, never a product, so a non-finite quarantine cannot turn into NaN there): the mask is applied to
+  its bottleneck `A_q x` (r wide, cheap), or to its output when its `B` holds a non-finite value (one fused check
+  per `set_row_masks`); where `d = 1` the deployed block's output stays in the forward unchanged and its gradient
+  rows are zeroed in backward (the same gradient as a detach, without a forward copy). Masks are moved to the device
+  once per `set_row_masks` call and stay set until `clear_row_masks()`, because gradient checkpointing re-runs the
+  forward hooks during backward;
 - deployment ablation and sampling modes: the quarantine output is replaced by zeros for every row. Because the
   quarantine's initial value has `B = 0`, this equals resetting the block to its initial value (I2), and it stays
   finite whatever the quarantine's weights hold; `reset_quarantine()` does the reset on the weights themselves;
@@ -77,6 +79,20 @@ def attach_routed_adapter(
     return adapter
 
 
+class _ZeroGradRows(torch.autograd.Function):
+    """Identity in the forward (a view, no copy); in backward the gradient of the masked rows is exactly zero."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        return torch.where(rows, 0.0, grad), None
+
+
 def _module_seed(init_seed: int, block: str, name: str) -> int:
     return zlib.crc32(f"{init_seed}:{block}:{name}".encode())
 
@@ -101,6 +117,8 @@ class RoutedAdapter:
         self.rank = peft_model.peft_config[DEPLOYED].r
         self.targets = sorted(peft_model.peft_config[DEPLOYED].target_modules)
         self._row_m: torch.Tensor | None = None  # (B, 1, 1) bool on the device: quarantine output kept
+        self._row_m_at_output = False  # apply `_row_m` to the quarantine's output (its B is not finite)
+        self._finite, self._finite_at = True, None  # cached `_quarantine_finite` and the weight versions it saw
         self._row_d: torch.Tensor | None = None  # (B, 1, 1) bool on the device: deployed output detached
         self._rows_n: int | None = None  # batch size the masks were set for
         self._quarantine_off = 0  # depth of nested ablation contexts
@@ -110,6 +128,7 @@ class RoutedAdapter:
         self._sink = None  # callable(name, (B, L, r) output) while streaming
         self._handles = []
         for name, layer in self.layers.items():
+            self._handles.append(layer.lora_A[QUARANTINE].register_forward_hook(self._quarantine_bottleneck_hook))
             self._handles.append(layer.lora_B[QUARANTINE].register_forward_hook(self._quarantine_hook))
             self._handles.append(layer.lora_B[DEPLOYED].register_forward_hook(self._deployed_hook))
             self._handles.append(layer.lora_A[DEPLOYED].register_forward_hook(self._capture_hook(name)))
@@ -169,9 +188,22 @@ class RoutedAdapter:
         on, detach = m.detach() != 0, d.detach() != 0
         self._row_m = None if bool(on.all()) else on.view(-1, 1, 1)
         self._row_d = detach.view(-1, 1, 1) if bool(detach.any()) else None
+        self._row_m_at_output = self._row_m is not None and not self._quarantine_finite()
 
     def clear_row_masks(self) -> None:
         self._row_m = self._row_d = self._rows_n = None
+        self._row_m_at_output = False
+
+    def _quarantine_finite(self) -> bool:
+        """Whether every quarantine `B` is finite: one fused reduction and one host synchronisation, redone only
+        after the weights changed (their in-place version counters moved, e.g. by an optimizer step)."""
+        weights = [layer.lora_B[QUARANTINE].weight for layer in self.layers.values()]
+        versions = tuple(w._version for w in weights)
+        if self._finite_at != versions:
+            peaks = torch._foreach_norm(weights, ord=math.inf)
+            self._finite = bool(torch.isfinite(torch.stack([p.to(weights[0].device) for p in peaks])).all())
+            self._finite_at = versions
+        return self._finite
 
     @contextlib.contextmanager
     def deployment_ablation(self) -> Iterator[None]:
@@ -209,11 +241,16 @@ class RoutedAdapter:
         if self._rows_n is not None and self._rows_n != out.shape[0]:
             raise RuntimeError(f"row masks are set for {self._rows_n} rows but the forward has {out.shape[0]}")
 
+    def _quarantine_bottleneck_hook(self, module, args, h: torch.Tensor) -> torch.Tensor:
+        if self._row_m is None or self._row_m_at_output or self._quarantine_off or self._blocks_off:
+            return h
+        return torch.where(self._rows(self._row_m, h), h, 0.0)  # (B, T, r); B_q times 0 is exactly 0 (finite B_q)
+
     def _quarantine_hook(self, module, args, out: torch.Tensor) -> torch.Tensor:
         self._check_rows(out)
         if self._quarantine_off or self._blocks_off:
             return torch.zeros_like(out)  # replaced, not multiplied: inf * 0 would be NaN
-        if self._row_m is not None:
+        if self._row_m is not None and self._row_m_at_output:
             return torch.where(self._rows(self._row_m, out), out, 0.0)  # (B, T, d_out); exact zeros where m = 0
         return out
 
@@ -222,7 +259,7 @@ class RoutedAdapter:
             return torch.zeros_like(out)
         if self._row_d is None:
             return out
-        return torch.where(self._rows(self._row_d, out), out.detach(), out)  # same value; no gradient where d = 1
+        return _ZeroGradRows.apply(out, self._rows(self._row_d, out))  # same value; no gradient where d = 1
 
     # ---- activation capture -------------------------------------------------------------------------------------
     @contextlib.contextmanager

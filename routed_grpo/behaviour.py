@@ -1,25 +1,32 @@
 """Behaviour log-probs and the gate's pooled activations of one generation batch, without a second full forward.
 
 What it covers (DESIGN.md section 3, step 3, and invariant I4):
-- `SamplingPassPool`: pools the deployed bottleneck `h = A_dep x` over each rollout's completion tokens WHILE
-  transformers' `generate` samples them, so the gate needs no teacher-forced forward. Decoding feeds every completion
-  token back through the model except the last one sampled; `finish` runs that one missing decode step on the
-  sampler's own KV cache. The pooled activations then match a teacher-forced forward to float rounding (tested at
-  `atol=1e-5` in float32, with identical gate zones on a fixed batch); in bfloat16 the two differ by bf16 rounding,
-  which can move a row that sits on a threshold across it.
+- `SamplingPassPool`: reads both WHILE transformers' `generate` samples: the deployed bottleneck `h = A_dep x`
+  pooled over each rollout's completion tokens (for the gate), and each sampled token's log-probability under the
+  sampling policy, `log_softmax(logits / T)` of the raw logits in float32 (the behaviour log-probs). Decoding feeds
+  every completion token back through the model except the last one sampled; `finish` runs that one missing decode
+  step on the sampler's own KV cache. Against a teacher-forced forward in the same sampling mode, both agree to
+  float rounding: in float32 within `atol=1e-5` (activations, and log-probs), with identical gate zones on a fixed
+  batch (tests/test_behaviour.py). In bfloat16 the two computations round differently: the log-probs then differ by
+  bf16 rounding (rho on a mismatched row by about as much, the same order as TRL's own old-log-prob forward over a
+  differently composed batch), and a row sitting on a threshold can change zone (benchmarks/sampling_pass_check.py
+  reports how often).
 - `completion_pool_mask`: which tokens are pooled (the completion mask; rows masked out by
   `mask_truncated_completions` pool their non-pad tokens), shared by both sources so they pool the same tokens.
-- `sampling_mode_forward`: a no-grad forward in each row's sampling mode over chosen rows only, returning their
-  behaviour log-probs (and, optionally, their pooled activations). The trainer uses it for the rows whose training
-  mode differs from their sampling mode ("mismatched rows", about 10% of rows at `gen_deploy_frac = 0`), and as the
-  fallback source of activations when no sampling pass was observed (vLLM without TRL's own old-log-prob forward,
-  continuous batching, a static cache).
+- `sampling_mode_forward`: a no-grad, teacher-forced forward in each row's sampling mode, returning behaviour
+  log-probs and, optionally, pooled activations: the source when no sampling pass was observed (vLLM without TRL's
+  own old-log-prob forward, continuous batching, a static cache), and the forward that TRL's own old-log-prob call
+  is turned into (several optimizer steps per generation, vLLM's importance-sampling correction).
+- `BaseModelReference`: the KL reference policy, the policy with both blocks off.
 
-Matched rows need nothing from here: before the first update, their behaviour log-probs ARE the grad-carrying
-forward's detached log-probs, so the trainer takes them from there (rho == 1 bit-identically).
+Matched rows' behaviour log-probs are not taken from here before the first update: they ARE the grad-carrying
+forward's detached log-probs, so the trainer takes them from there (rho == 1 bit for bit). The sampling-pass values
+serve the mismatched rows, whose ratio compares two different policies.
 
 What it does not cover: the gate (routed_grpo.gate), the masks of the grad-carrying forward (routed_grpo.adapter),
-and the wiring into TRL's methods (routed_grpo.trainer).
+and the wiring into TRL's methods (routed_grpo.trainer). With `mask_truncated_completions=True` a truncated row's
+activations are read while it was sampled (its own tokens in attention), where the teacher-forced forward masks its
+completion out of attention: the one case where the two sources differ by more than rounding.
 """
 
 from __future__ import annotations
@@ -46,22 +53,28 @@ def completion_pool_mask(completion_ids: Tensor, completion_mask: Tensor, pad_id
 
 
 class SamplingPassPool:
-    """Mean of `A_dep x` over each row's completion tokens, accumulated during one `generate` call.
+    """Mean of `A_dep x` over each row's completion tokens and the sampled tokens' log-probs, from one `generate`.
 
     A forward pre-hook on the causal LM sees every decode step's input: step 0 is the prompt (not pooled), step k
     feeds completion token k - 1. A token is pooled while its row has not yet emitted an EOS before it, which is
     exactly TRL's completion (up to and including the first EOS). Two running sums per module, (2, B, r): all such
     tokens, and those that are not the pad token (for rows whose completion mask TRL empties later).
 
+    A forward hook on the LM head keeps each step's last-position logits; when the next step feeds the token sampled
+    from them, its log-probability at temperature `temperature` is recorded (TRL's definition of a log-prob: the raw
+    logits, no top-k / top-p / penalties).
+
     Usage: `with pool.attached(): generate(...)`, then `pool.finish(completion_ids)` inside the same sampling-mode
-    context, then `pool.pooled(completion_mask)`. `problem` names why the pool is unusable (then the caller falls
-    back to a teacher-forced forward); None when it is complete.
+    context, then `pool.pooled(completion_mask)` and `pool.logps(width)`. `problem` names why the pool is unusable
+    (then the caller falls back to a teacher-forced forward); None when it is complete.
     """
 
-    def __init__(self, adapter: RoutedAdapter, eos_token_ids: Sequence[int], pad_token_id: int):
+    def __init__(self, adapter: RoutedAdapter, eos_token_ids: Sequence[int], pad_token_id: int, temperature=1.0):
         self.adapter = adapter
         self.lm = adapter.model.get_base_model()
-        self.eos_ids, self.pad_id = list(eos_token_ids), pad_token_id
+        self.eos_ids, self.pad_id, self.temperature = list(eos_token_ids), pad_token_id, temperature
+        self._logits: Tensor | None = None  # (B, V) last-position logits of the latest step
+        self._logps: list[Tensor] = []  # (B,) per fed completion token
         self.sums: dict[str, Tensor] = {}  # module name -> (2, B, r) float32
         self.counts: Tensor | None = None  # (2, B) pooled tokens per row
         self._weights: Tensor | None = None  # (2, B, 1) of the current step; None while the prompt runs
@@ -73,12 +86,21 @@ class SamplingPassPool:
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
-        handle = self.lm.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        handles = [self.lm.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
+        head = self.lm.get_output_embeddings()
+        if head is None:
+            self.problem = "the model has no output embeddings to read the sampling logits from"
+        else:
+            handles.append(head.register_forward_hook(self._head_hook))
         try:
             with self.adapter.stream_capture(self._add):
                 yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+
+    def _head_hook(self, module, args, out: Tensor) -> None:
+        self._logits = out[:, -1] if out.dim() == 3 else None  # (B, V); a view, kept one step
 
     def _pre_hook(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids")
@@ -97,7 +119,13 @@ class SamplingPassPool:
         self._steps += 1
 
     def _step_weights(self, token: Tensor) -> None:
-        """Weights of the token each row feeds now, (B,): pooled iff its row had no EOS before it."""
+        """Weights of the token each row feeds now, (B,): pooled iff its row had no EOS before it; and its log-prob
+        under the logits it was sampled from."""
+        if self._logits is None:
+            self.problem = "no logits seen for a fed token"
+        else:
+            logp = (self._logits.float() / self.temperature).log_softmax(-1)  # (B, V)
+            self._logps.append(logp.gather(1, token.unsqueeze(1)).squeeze(1))  # (B,)
         live = ~self._finished
         weights = torch.stack([live, live & (token != self.pad_id)]).float()  # (2, B)
         self._weights = weights.unsqueeze(-1)  # (2, B, 1)
@@ -142,7 +170,14 @@ class SamplingPassPool:
         self._release()
 
     def _release(self) -> None:
-        self._last_kwargs = self._weights = None  # drops the sampler's KV cache
+        self._last_kwargs = self._weights = self._logits = None  # drops the sampler's KV cache and logits
+
+    def logps(self, width: int) -> Tensor:
+        """(B, width) float32 log-probs of the sampled tokens under the sampling policy (0 past the sampled ones)."""
+        if self.problem is not None:
+            raise RuntimeError(f"the sampling pass cannot be read: {self.problem}")
+        steps = torch.stack(self._logps[:width], dim=1)  # (B, T_gen)
+        return torch.nn.functional.pad(steps, (0, width - steps.size(1)))
 
     def pooled(self, completion_mask: Tensor) -> Tensor:
         """(B, M, r) float32 in `adapter.module_names` order, pooled as `completion_pool_mask` says."""

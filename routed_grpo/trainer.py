@@ -189,7 +189,7 @@ class RoutedGRPOTrainer(RoutingState):
             return None  # TRL's own old-log-prob forward pools them / packed rows
         if cfg.cache_implementation is not None or (cfg.num_beams or 1) != 1 or cfg.use_cache is False:
             return None
-        return SamplingPassPool(self.adapter, self.eos_token_ids, self._tokenizer.pad_token_id)
+        return SamplingPassPool(self.adapter, self.eos_token_ids, self._tokenizer.pad_token_id, self.temperature)
 
     def _vllm_generate(self, prompt_ids, full: torch.Tensor | None):
         """vLLM: each sampling mode's rows with that mode's weights (`full` None: every row in full mode)."""
@@ -224,38 +224,36 @@ class RoutedGRPOTrainer(RoutingState):
         t1 = time.perf_counter()
         self._updated_since_generation = False
         full = self._sampling_full.to(self.accelerator.device)
-        old, acts = output.get("old_per_token_logps"), self._batch_activations(output)
-        if acts is None:  # no sampling pass to read: one forward in sampling modes gives both
+        old, acts = self._observed_behaviour(output)
+        if acts is None:  # no sampling pass to read: one teacher-forced forward in sampling modes gives both
             old, acts = self._sampling_mode_forward(output, full, pool=True)
         t2 = time.perf_counter()
         decision = self._decide_zones(acts, output)
         t3 = time.perf_counter()
         mismatched = mismatched_rows(decision.zones, full)
-        if old is None:  # matched rows' behaviour log-probs come from the grad-carrying forward
-            old, _ = self._sampling_mode_forward(output, full, rows=mismatched)
         output["old_per_token_logps"] = old  # the behaviour policy: rho = exp(logp - logp_old)
         output["routing_logp_from_loss"] = ~mismatched
         output["routing_m"], output["routing_d"] = decision.m.to(full.device), decision.d.to(full.device)
         output["routing_zone"], output["sampling_full"] = decision.zones.to(full.device), full.float()
-        seconds = {"generate_and_score": t1 - t0, "behaviour_forward": t2 - t1 + time.perf_counter() - t3}
-        self._log_gate(decision, full, seconds | {"gate": t3 - t2})
+        self._log_gate(decision, full, {"generate_and_score": t1 - t0, "behaviour_forward": t2 - t1, "gate": t3 - t2})
         if self.measure_fn is not None:
             self._log_measurements(inputs, output, decision.scores)
         return output
 
-    def _batch_activations(self, output) -> torch.Tensor | None:
-        """Pooled activations (B, M, r) observed on the way (TRL's old-log-prob forward or the sampling pass)."""
+    def _observed_behaviour(self, output) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Behaviour log-probs (B, T) and pooled activations (B, M, r) observed on the way: from TRL's old-log-prob
+        forward (run in sampling modes) or from the sampling pass; (None, None) where neither was observed."""
         pool, self._sampling_pool = self._sampling_pool, None
         if self._acts is not None:
             acts, self._acts = self._acts, None
-            return acts
+            return output["old_per_token_logps"], acts
         if pool is not None and pool.problem is None:
-            return pool.pooled(output["completion_mask"])
+            return pool.logps(output["completion_ids"].size(1)), pool.pooled(output["completion_mask"])
         if not self._warned_fallback:
             why = pool.problem if pool is not None else "the generation backend exposes no sampling pass"
-            log.warning("routing: pooled activations from an extra teacher-forced forward (%s)", why)
+            log.warning("routing: behaviour log-probs and activations from an extra teacher-forced forward (%s)", why)
             self._warned_fallback = True
-        return None
+        return None, None
 
     def _sampling_mode_forward(self, output, full, rows=None, pool=False):
         """`behaviour.sampling_mode_forward` on the batch: (logps (B, T), acts (B, M, r) or None)."""

@@ -218,13 +218,13 @@ def test_resume_restores_buffer_thresholds_vact_and_sampling_rng(tmp_path):
 def test_nonfinite_ratio_raises_naming_step_and_zone(tmp_path):
     t = trainer(tmp_path, max_steps=1)  # gen_deploy_frac 0: forced keep rows are mismatched (full-sampled)
     _force_zone(t, KEEP)
-    original = t._sampling_mode_forward
+    original = t._observed_behaviour
 
     def poisoned(*args, **kwargs):
         logps, acts = original(*args, **kwargs)
         return torch.full_like(logps, -float("inf")), acts
 
-    t._sampling_mode_forward = poisoned
+    t._observed_behaviour = poisoned
     with pytest.raises(FloatingPointError, match=r"step 0 in zone 'keep'"):
         t.train()
 
@@ -245,6 +245,43 @@ def test_config_rejects_inconsistent_settings(tmp_path):
             config(tmp_path, **bad)
     defaults = RoutedGRPOConfig(output_dir=str(tmp_path), routing="none", use_cpu=True, bf16=False)
     assert (defaults.loss_type, defaults.scale_rewards, defaults.beta) == ("dr_grpo", "none", 0.0)
+
+
+def test_deepspeed_of_any_stage_is_rejected_with_routing_on(tmp_path):
+    """DeepSpeed keeps gradients in its own buffers and steps its own optimizer: the zero-gradient rule and
+    routing/qmass_grad would silently do nothing, so routing refuses it (a fake accelerator state, no DeepSpeed)."""
+    from types import SimpleNamespace
+
+    for stage in (1, 2, 3):
+        plugin = SimpleNamespace(zero_stage=stage)
+        fake = SimpleNamespace(
+            args=config(tmp_path),
+            tools=None,
+            environment_factories=None,
+            rollout_func=None,
+            _is_vlm=False,
+            is_deepspeed_enabled=True,
+            is_fsdp_enabled=False,
+            accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
+        )
+        with pytest.raises(ValueError, match=rf"DeepSpeed \(ZeRO stage {stage}\) is not supported with routing on"):
+            RoutedGRPOTrainer._reject_unsupported(fake)
+        fake.args = config(tmp_path, routing="none")
+        RoutedGRPOTrainer._reject_unsupported(fake)  # the baseline may use it
+
+
+def test_a_loss_path_that_bypasses_the_log_prob_hook_fails_loudly(tmp_path):
+    """The stashed log-probs are reset before every loss: a loss that never calls the hook cannot reuse the
+    previous micro-batch's log-probs for rho."""
+    t = trainer(tmp_path)
+    inputs = _fixed_batch(t)
+    t.current_gradient_accumulation_steps = 1
+    t.compute_loss(t.model, inputs)  # a normal loss stashes this micro-batch's log-probs
+    t.adapter.clear_row_masks()
+    assert t._loss_logps is not None
+    t._compute_loss = lambda model, inputs: torch.zeros((), requires_grad=True)  # a path without the hook
+    with pytest.raises(RuntimeError, match="never called _get_per_token_logps_and_entropies"):
+        t.compute_loss(t.model, inputs)
 
 
 # Signatures of the upstream methods RoutedGRPOTrainer overrides, pinned to TRL 1.16.
