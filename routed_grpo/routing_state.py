@@ -1,22 +1,27 @@
-"""`RoutingState`: what `RoutedGRPOTrainer` keeps across steps, as a mixin of `trl.GRPOTrainer` overrides.
+"""`RoutingState`: how `RoutedGRPOTrainer` is set up and what it keeps across steps (a mixin of `GRPOTrainer`).
 
-Covers: `v_act` (loaded, extracted from pairs at start, refreshed every `vact_refresh_steps` without flushing the
-gate's buffer), the optimizer rule ("no gradient means no change": no weight decay on the blocks, no step for a
-block parameter whose gradient is exactly zero), and checkpoints of the routing state (gate buffer, `v_act`,
-sampling RNG) and of both blocks. Does not cover: generation, the gate's decisions and the loss (routed_grpo.trainer).
+Covers: the model with its two blocks (`routed_adapter`), TRL's construction without its PEFT KL reference
+(`without_trl_kl_reference`), the settings refused with routing on (`_reject_unsupported`), `v_act` (loaded,
+extracted from pairs at start, refreshed every `vact_refresh_steps` without flushing the gate's buffer), the
+optimizer rule ("no gradient means no change": no weight decay on the blocks, no step for a block parameter whose
+gradient is exactly zero), and checkpoints of the routing state (gate buffer, `v_act`, sampling RNG) and of both
+blocks. Does not cover: generation, the gate's decisions and the loss (routed_grpo.trainer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
-from routed_grpo.adapter import DEPLOYED, QUARANTINE
+from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_routed_adapter
+from routed_grpo.config import RoutedGRPOConfig
 from routed_grpo.loss import zero_grad_flags
 from routed_grpo.pairs import load_pairs
 from routed_grpo.vact import extract_vact, haar_placebo, load_vact
@@ -24,6 +29,31 @@ from routed_grpo.vact import extract_vact, haar_placebo, load_vact
 
 class RoutingState(GRPOTrainer):
     """Mixin for `RoutedGRPOTrainer` (which sets `adapter`, `gate`, `_sampling_rng`, `_last_refresh`)."""
+
+    def _reject_unsupported(self) -> None:
+        if self.args.routing == "none":
+            return
+        if self.tools or self.environment_factories is not None or self.rollout_func is not None:
+            raise ValueError(
+                "tools, environment_factory and rollout_func are not supported with routing on: multi-turn "
+                "generation re-enters generation for a subset of rows, so sampling modes and masks lose alignment"
+            )
+        if self._is_vlm:
+            raise ValueError("vision-language models are not supported with routing on (untested)")
+        if self.is_deepspeed_enabled:
+            stage = self.accelerator.state.deepspeed_plugin.zero_stage
+            raise ValueError(
+                f"DeepSpeed (ZeRO stage {stage}) is not supported with routing on: DeepSpeed keeps gradients in its "
+                "own partitioned buffers and steps its own optimizer, so `param.grad` stays empty, the "
+                "'no gradient means no change' rule and routing/qmass_grad would silently do nothing. "
+                "Use DDP (recipes/accelerate_configs/ddp.yaml)."
+            )
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "FSDP is not supported yet with routing on: the gate's gradient metrics, the checkpoint resume of "
+                "both blocks and the activation hooks are untested on sharded parameters. Use DDP "
+                "(recipes/accelerate_configs/ddp.yaml)."
+            )
 
     # ---- v_act ----------------------------------------------------------------------------------------------------
     def _extract_vact(self) -> torch.Tensor:
@@ -119,3 +149,29 @@ class RoutingState(GRPOTrainer):
         if self.gate is not None:
             self.gate.load_state_dict(state["gate"])
             self.gate.route_tail_q = self.args.route_tail_q  # the config, not the checkpoint, sets the tail mass
+
+
+def routed_adapter(model, args: RoutedGRPOConfig) -> RoutedAdapter:
+    """Load `model` if it is an id, then attach the two blocks (or reuse them if the model already has them)."""
+    if isinstance(model, str):
+        model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config is not None:
+        if DEPLOYED in peft_config and QUARANTINE in peft_config:
+            model.base_model.set_adapter([DEPLOYED, QUARANTINE])  # both active and trainable
+            return RoutedAdapter.of(model, init_seed=args.adapter_init_seed)
+        raise ValueError(f"the model already has PEFT adapters {list(peft_config)}; pass the base model instead")
+    return attach_routed_adapter(
+        model, args.adapter_rank, args.adapter_alpha, args.adapter_targets, args.adapter_init_seed
+    )
+
+
+@contextlib.contextmanager
+def without_trl_kl_reference(args: RoutedGRPOConfig):
+    """`GRPOTrainer.__init__` with `beta = 0`: with `beta != 0` and a PEFT model it would clone a "ref" adapter from
+    "default" (which this model does not have). The trainer sets its own KL reference, the base model, afterwards."""
+    beta, args.beta = args.beta, 0.0
+    try:
+        yield
+    finally:
+        args.beta = beta

@@ -9,10 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
 from trl import GRPOTrainer
 
-from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_routed_adapter
+from routed_grpo.adapter import DEPLOYED, QUARANTINE
 from routed_grpo.behaviour import BaseModelReference, SamplingPassPool, completion_pool_mask, sampling_mode_forward
 from routed_grpo.config import RoutedGRPOConfig
 from routed_grpo.gate import Gate
@@ -26,7 +25,7 @@ from routed_grpo.loss import (
     per_row_rho,
     rho_by_zone,
 )
-from routed_grpo.routing_state import RoutingState
+from routed_grpo.routing_state import RoutingState, routed_adapter, without_trl_kl_reference
 from routed_grpo.vact import auroc
 from routed_grpo.vllm_sync import PerModeGeneration
 
@@ -42,17 +41,19 @@ class RoutedGRPOTrainer(RoutingState):
       `peft_config` is not accepted, because the adapter is part of the method. With `beta != 0` the KL reference is
       the base model, both blocks off through the adapter's own hooks (`BaseModelReference`), not a PEFT "ref" adapter.
     - `_generate_single_turn`: each rollout gets a sampling mode (`deploy` with probability `gen_deploy_frac`,
-      seeded); one `generate` call samples both modes through per-row quarantine masks and, on the way, pools the
-      deployed bottleneck over each completion (`routed_grpo.behaviour.SamplingPassPool`). With `use_vllm`, each
-      mode is generated with its own merged weights (`routed_grpo.vllm_sync`).
+      seeded); one `generate` call samples both modes through per-row quarantine masks and, on the way, reads the
+      deployed bottleneck pooled over each completion and each sampled token's log-prob
+      (`routed_grpo.behaviour.SamplingPassPool`). With `use_vllm`, each mode is generated with its own merged
+      weights (`routed_grpo.vllm_sync`).
     - `_generate_and_score_completions`: after TRL's rewards and Dr.GRPO advantages, the gate scores the pooled
       activations against `v_act`, appends them to the buffer, takes thresholds over the whole buffer and returns
       zones and masks (batch keys `routing_m`, `routing_d`, `routing_zone`, `sampling_full`). Behaviour log-probs
-      `old_per_token_logps`: a no-grad forward in their sampling mode over the MISMATCHED rows only; matched rows
-      (`routing_logp_from_loss`) take the grad-carrying forward's detached log-probs before the first update, which
-      is exactly their behaviour policy (rho == 1 bit for bit). Where TRL computes old log-probs itself (several
-      optimizer steps per generation batch, or vLLM's importance-sampling correction), its forward runs in each row's
-      sampling mode and supplies both the log-probs and the activations: nothing is computed twice.
+      `old_per_token_logps` are the sampler's, in each row's sampling mode; matched rows (`routing_logp_from_loss`)
+      instead take the grad-carrying forward's detached log-probs before the first update, which is exactly their
+      behaviour policy (rho == 1 bit for bit). No extra forward runs: where TRL computes old log-probs itself
+      (several optimizer steps per generation batch, or vLLM's importance-sampling correction), its forward runs
+      in each row's sampling mode and supplies both log-probs and activations; only where no sampling pass can be
+      observed does one teacher-forced forward in sampling modes supply them (with a warning).
     - `compute_loss` sets the masks for the grad-carrying forward and fails if the log-prob hook did not run;
       `training_step` clears the masks only after backward (gradient checkpointing re-runs the forward hooks), then
       logs the routing mass of the gradient norm (one fused reduction).
@@ -85,8 +86,8 @@ class RoutedGRPOTrainer(RoutingState):
             )
         if kw.get("peft_config") is not None:
             raise ValueError("peft_config is not accepted: RoutedGRPOTrainer attaches its own two-block adapter")
-        self.adapter = _routed_adapter(model, args)
-        with _without_trl_kl_reference(args):
+        self.adapter = routed_adapter(model, args)
+        with without_trl_kl_reference(args):
             super().__init__(self.adapter.model, reward_funcs, args, *pos, **kw)
         self.beta = args.beta
         self.ref_model = BaseModelReference(self.adapter) if self.beta != 0.0 else None
@@ -116,31 +117,6 @@ class RoutedGRPOTrainer(RoutingState):
             )
             if self.use_vllm:
                 self._vllm_modes = PerModeGeneration(self.vllm_generation, self.adapter)
-
-    def _reject_unsupported(self) -> None:
-        if self.args.routing == "none":
-            return
-        if self.tools or self.environment_factories is not None or self.rollout_func is not None:
-            raise ValueError(
-                "tools, environment_factory and rollout_func are not supported with routing on: multi-turn "
-                "generation re-enters generation for a subset of rows, so sampling modes and masks lose alignment"
-            )
-        if self._is_vlm:
-            raise ValueError("vision-language models are not supported with routing on (untested)")
-        if self.is_deepspeed_enabled:
-            stage = self.accelerator.state.deepspeed_plugin.zero_stage
-            raise ValueError(
-                f"DeepSpeed (ZeRO stage {stage}) is not supported with routing on: DeepSpeed keeps gradients in its "
-                "own partitioned buffers and steps its own optimizer, so `param.grad` stays empty, the "
-                "'no gradient means no change' rule and routing/qmass_grad would silently do nothing. "
-                "Use DDP (recipes/accelerate_configs/ddp.yaml)."
-            )
-        if self.is_fsdp_enabled:
-            raise ValueError(
-                "FSDP is not supported yet with routing on: the gate's gradient metrics, the checkpoint resume of "
-                "both blocks and the activation hooks are untested on sharded parameters. Use DDP "
-                "(recipes/accelerate_configs/ddp.yaml)."
-            )
 
     # ---- generation: sampling modes -------------------------------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -237,7 +213,9 @@ class RoutedGRPOTrainer(RoutingState):
         output["routing_zone"], output["sampling_full"] = decision.zones.to(full.device), full.float()
         self._log_gate(decision, full, {"generate_and_score": t1 - t0, "behaviour_forward": t2 - t1, "gate": t3 - t2})
         if self.measure_fn is not None:
+            t4 = time.perf_counter()
             self._log_measurements(inputs, output, decision.scores)
+            self._metrics["train"]["timing/measure"].append(time.perf_counter() - t4)
         return output
 
     def _observed_behaviour(self, output) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -402,29 +380,3 @@ class RoutedGRPOTrainer(RoutingState):
                 )
                 self._metrics["train"]["routing/qmass_grad"].append(grad_qmass(norms).item())
         return loss
-
-
-def _routed_adapter(model, args: RoutedGRPOConfig) -> RoutedAdapter:
-    """Load `model` if it is an id, then attach the two blocks (or reuse them if the model already has them)."""
-    if isinstance(model, str):
-        model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
-    peft_config = getattr(model, "peft_config", None)
-    if peft_config is not None:
-        if DEPLOYED in peft_config and QUARANTINE in peft_config:
-            model.base_model.set_adapter([DEPLOYED, QUARANTINE])  # both active and trainable
-            return RoutedAdapter.of(model, init_seed=args.adapter_init_seed)
-        raise ValueError(f"the model already has PEFT adapters {list(peft_config)}; pass the base model instead")
-    return attach_routed_adapter(
-        model, args.adapter_rank, args.adapter_alpha, args.adapter_targets, args.adapter_init_seed
-    )
-
-
-@contextlib.contextmanager
-def _without_trl_kl_reference(args: RoutedGRPOConfig):
-    """`GRPOTrainer.__init__` with `beta = 0`: with `beta != 0` and a PEFT model it would clone a "ref" adapter from
-    "default" (which this model does not have). The trainer sets its own KL reference, the base model, afterwards."""
-    beta, args.beta = args.beta, 0.0
-    try:
-        yield
-    finally:
-        args.beta = beta
