@@ -8,12 +8,12 @@ trainer per arm and the arms' order rotates from round to round, so machine nois
 carries the same two-block adapter; the stock arm trains it with TRL's `GRPOTrainer`. A step is one optimizer step
 (generation, rewards, gate, loss forward and backward, optimizer), timed from `on_step_begin` to `on_step_end`;
 the figure per arm is the median over all measured steps of all rounds. Peak memory is measured on one extra step
-per arm: `torch.cuda.max_memory_allocated` on a GPU; on CPU the growth of the resident set size during the step
-(peak minus start, after returning freed heap pages to the OS) plus the parameters and optimizer state held
-across steps.
+per arm and round, and the median over rounds is reported: `torch.cuda.max_memory_allocated` on a GPU; on CPU the
+growth of the resident set size during the step (peak minus start, after returning freed heap pages to the OS)
+plus the parameters and optimizer state held across steps.
 
 Sizes: `organism` (the CPU model organism's Qwen2 shape, 8 prompts x 8 generations, 64 completion tokens), `large`
-(hidden 512, 8 layers, 2 prompts x 8 generations, 256 completion tokens), `qwen2-0.5b` (Qwen2-0.5B's shape with its
+(hidden 512, 8 layers, 1 prompt x 4 generations, 256 completion tokens), `qwen2-0.5b` (Qwen2-0.5B's shape with its
 151,936-token vocabulary, for a GPU), `tiny` (seconds; a dry run of the script itself). Models are made from a
 config with random weights (nothing is downloaded), so completions run to the length limit in every arm.
 
@@ -238,12 +238,12 @@ def run_size(name: str, opts, out: Path) -> dict[str, dict]:
         tokenizer.save_pretrained(state["dir"])
     n_params = sum(p.numel() for p in base.parameters())
     del base
-    results = {arm: {"times": [], "cpu_times": [], "peak": None} for arm in ARMS}
+    results = {arm: {"times": [], "cpu_times": [], "peaks": []} for arm in ARMS}
     arms = list(ARMS)
     for r in range(opts.repeats):
         for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
-            profile_step = opts.warmup + opts.steps if r == 0 else None
-            steps = opts.warmup + opts.steps + (1 if profile_step is not None else 0)
+            profile_step = opts.warmup + opts.steps  # one extra step per arm and round measures the memory
+            steps = opts.warmup + opts.steps + 1
             trainer = make_trainer(arm, size, state, tokenizer, data, steps, out, opts)
             timer = StepTimer(profile_step)
             trainer.add_callback(timer)
@@ -251,8 +251,7 @@ def run_size(name: str, opts, out: Path) -> dict[str, dict]:
             trainer.train()
             results[arm]["times"] += timer.times[opts.warmup :]
             results[arm]["cpu_times"] += timer.cpu_times[opts.warmup :]
-            if timer.peak_bytes is not None:
-                results[arm]["peak"] = timer.peak_bytes
+            results[arm]["peaks"].append(timer.peak_bytes)
 
             results[arm]["breakdown"] = breakdown(trainer)
             print(f"[{name}] round {r + 1}/{opts.repeats} {arm}: {statistics.median(timer.times):.3f} s/step",
@@ -264,6 +263,7 @@ def run_size(name: str, opts, out: Path) -> dict[str, dict]:
     for res in results.values():
         res["median"] = statistics.median(res["times"])
         res["cpu_median"] = statistics.median(res["cpu_times"])
+        res["peak"] = statistics.median(res["peaks"])
         res["tokens_per_s"] = size.prompts * size.generations * size.completion / res["median"]
     results["_params"] = n_params
     return results

@@ -67,6 +67,8 @@ class PerModeGeneration:
     """Per-mode weight sync and generation on top of TRL's `VLLMGeneration` (see the module docstring)."""
 
     def __init__(self, vllm_generation, adapter: RoutedAdapter):
+        if getattr(adapter.model.config, "quantization_config", None) is not None:
+            raise ValueError("use_vllm with routing on needs an unquantised base: each mode's weights are merged")
         self.vllm = vllm_generation
         self.adapter = adapter
         self.mode = "full"  # the mode the next sync pushes

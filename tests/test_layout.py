@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["adapter", "config", "gate", "loss", "pairs", "trainer", "vact", "utils"]
+CORE = [
+    "adapter", "behaviour", "config", "gate", "loss", "pairs", "routing_state", "trainer", "vact", "utils", "vllm_sync"
+]
 
 
 def test_core_modules_never_import_the_lab():
