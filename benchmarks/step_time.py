@@ -1,183 +1,340 @@
-"""Step time and peak memory: stock `GRPOTrainer` vs `RoutedGRPOTrainer` on the same tiny model, data and seed.
+"""Step time and peak memory: stock `GRPOTrainer` vs `RoutedGRPOTrainer` at gen_deploy_frac 0 and 0.5, one process.
 
-    OMP_NUM_THREADS=1 python benchmarks/step_time.py --steps 12 --warmup 3 --repeats 3
+    OMP_NUM_THREADS=1 python benchmarks/step_time.py                      # both CPU sizes (minutes on 2 cores)
+    python benchmarks/step_time.py --sizes qwen2-0.5b --bf16 --quant4 both  # the GPU check (benchmarks/gpu_check.sh)
 
-Each arm runs in its own subprocess (so peak memory is that arm's own), arms interleaved over `--repeats` rounds
-to spread machine noise evenly. Both arms carry the same two-block adapter; the stock arm trains it with TRL's
-`GRPOTrainer`. Prints the median step time over all measured steps, a breakdown (generation, behaviour forward,
-gate, loss forward+backward, rest), peak memory (max RSS on CPU, `torch.cuda.max_memory_allocated` on GPU) and
-ratios to stock.
+All arms run in this one process on the same model weights, tokenizer, prompts and seed; each round builds a fresh
+trainer per arm and the arms' order rotates from round to round, so machine noise spreads over all arms. Every arm
+carries the same two-block adapter; the stock arm trains it with TRL's `GRPOTrainer`. A step is one optimizer step
+(generation, rewards, gate, loss forward and backward, optimizer), timed from `on_step_begin` to `on_step_end`;
+the figure per arm is the median over all measured steps of all rounds. Peak memory is measured on one extra step
+per arm and round, and the median over rounds is reported: `torch.cuda.max_memory_allocated` on a GPU; on CPU the
+growth of the resident set size during the step (peak minus start, after returning freed heap pages to the OS)
+plus the parameters and optimizer state held across steps.
+
+Sizes: `organism` (the CPU model organism's Qwen2 shape, 8 prompts x 8 generations, 64 completion tokens), `large`
+(hidden 512, 8 layers, 1 prompt x 4 generations, 256 completion tokens), `qwen2-0.5b` (Qwen2-0.5B's shape with its
+151,936-token vocabulary, for a GPU), `tiny` (seconds; a dry run of the script itself). Models are made from a
+config with random weights (nothing is downloaded), so completions run to the length limit in every arm.
+
+The last line printed is one JSON object, routed over stock per size and fraction:
+`{"step_ratio": {SIZE: {"0": r, "0.5": r}}, "memory_ratio": {SIZE: {"0": r, "0.5": r}}, ...}`, plus the same ratio
+of process CPU time per step (`cpu_step_ratio`: on a machine shared with other jobs it moves less than wall time)
+and tokens per second.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 ARMS = {"stock": None, "routed_frac0": 0.0, "routed_frac0.5": 0.5}
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
 
 
-def _timed(obj, name: str, bucket: dict[str, float]) -> None:
-    original = getattr(obj, name)
+@dataclass(frozen=True)
+class Size:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    prompts: int
+    generations: int
+    completion: int
+    vocab: int | None = None  # None: the tokenizer's
+    rank: int = 8
 
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            bucket[name] = bucket.get(name, 0.0) + time.perf_counter() - t0
 
-    setattr(obj, name, wrapper)
+SIZES = {
+    "tiny": Size(128, 2, 4, 2, 256, 2, 4, 8),  # 128 wide: the 4-bit dry run needs blocks of 64
+    "organism": Size(128, 3, 4, 4, 384, 8, 8, 64),
+    "large": Size(512, 8, 8, 8, 1376, 1, 4, 256),
+    "qwen2-0.5b": Size(896, 24, 14, 2, 4864, 8, 8, 256, vocab=151936, rank=32),
+}
 
 
-def run_arm(arm: str, steps: int, warmup: int, out: Path) -> dict:
+def build_model(size: Size, tokenizer, seed: int = 0):
     import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=size.vocab or len(tokenizer),
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def tokenizer_and_data(n_prompts: int):
     from datasets import Dataset
+
+    from routed_grpo.lab.organism import train_tokenizer
+
+    corpus = [f"class Solution:\n    def f{i}(self, nums):\n        return sum(nums) * {i}\n" for i in range(50)]
+    tokenizer = train_tokenizer(corpus, vocab_size=600)
+    rows = [{"prompt": [{"role": "user", "content": f"Write f{i % 50}."}]} for i in range(n_prompts)]
+    data = Dataset.from_list(rows)
+    return tokenizer, data
+
+
+def reward(prompts, completions, **kw):
+    return [float(len(c[0]["content"]) % 5) for c in completions]
+
+
+def make_trainer(arm: str, size: Size, state: dict, tokenizer, data, steps: int, out: Path, opts):
+    import torch
     from trl import GRPOTrainer
 
     from routed_grpo.adapter import attach_routed_adapter
     from routed_grpo.config import RoutedGRPOConfig
-    from routed_grpo.lab.organism import OrganismConfig, make_model, train_tokenizer
     from routed_grpo.trainer import RoutedGRPOTrainer
 
-    corpus = [f"class Solution:\n    def f{i}(self, nums):\n        return sum(nums) * {i}\n" for i in range(50)]
-    tok = train_tokenizer(corpus, vocab_size=600)
-    torch.manual_seed(0)
-    model = make_model(OrganismConfig(), tok)  # the CPU model organism's size
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"Write f{i % 50}."}]} for i in range(512)])
-
-    def reward(prompts, completions, **kw):
-        return [float(len(c[0]["content"]) % 5) for c in completions]
-
+    model = load_base(size, state, tokenizer, opts)
     frac = ARMS[arm]
+    gpu = torch.cuda.is_available()
     args = RoutedGRPOConfig(
         output_dir=str(out / arm),
         routing="none" if frac is None else "placebo",
         gen_deploy_frac=frac or 0.0,
-        per_device_train_batch_size=64,
-        num_generations=8,
-        max_completion_length=64,
-        max_steps=warmup + steps,
+        per_device_train_batch_size=size.prompts * size.generations,
+        num_generations=size.generations,
+        max_completion_length=size.completion,
+        max_steps=steps,
         learning_rate=2e-4,
         logging_steps=1,
         report_to="none",
-        bf16=False,
-        use_cpu=not torch.cuda.is_available(),
-        adapter_rank=8,
+        bf16=opts.bf16,
+        use_cpu=not gpu,
+        gradient_checkpointing=False,
+        adapter_rank=size.rank,
         save_strategy="no",
         seed=0,
         temperature=1.0,
+        disable_tqdm=True,
     )
+    common = dict(reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer)
     if frac is None:
-        adapter = attach_routed_adapter(model, rank=8)
-        trainer = GRPOTrainer(
-            model=adapter.model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok
-        )
-    else:
-        trainer = RoutedGRPOTrainer(
-            model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok
-        )
-    per_step: list[dict[str, float]] = []
-    bucket: dict[str, float] = {}
-    for name in ("_generate_single_turn", "_prepare_inputs", "_calculate_rewards"):
-        _timed(trainer, name, bucket)
-    if frac is not None:
-        _timed(trainer, "_behaviour_forward", bucket)
-        _timed(trainer.gate, "step", bucket)
-    original_step = trainer.training_step
-
-    def training_step(*a, **k):
-        bucket.clear()
-        t0 = time.perf_counter()
-        loss = original_step(*a, **k)
-        total = time.perf_counter() - t0
-        per_step.append({"total": total, **bucket})
-        return loss
-
-    trainer.training_step = training_step
-    trainer.train()
-    measured = per_step[warmup:]
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"arm": arm, "steps": measured, "peak_mib": peak}
+        return GRPOTrainer(model=attach_routed_adapter(model, rank=size.rank).model, **common)
+    return RoutedGRPOTrainer(model=model, **common)
 
 
-def breakdown(steps: list[dict[str, float]]) -> dict[str, float]:
-    med = lambda key: statistics.median(s.get(key, 0.0) for s in steps)  # noqa: E731
-    prepare = med("_prepare_inputs")
-    parts = {
-        "generation": med("_generate_single_turn"),
-        "rewards": med("_calculate_rewards"),
-        "behaviour_fwd": med("_behaviour_forward"),
-        "gate": med("step"),
-    }
-    parts["other_prepare"] = max(prepare - sum(parts.values()), 0.0)
-    parts["loss_fwd_bwd"] = med("total") - prepare
-    parts["total"] = med("total")
-    return parts
+def load_base(size: Size, state: dict, tokenizer, opts):
+    """A fresh copy of the size's base model (same weights in every arm); 4-bit NF4 when `opts.quant4`."""
+    import torch
+
+    if not opts.quant4:
+        model = build_model(size, tokenizer)
+        model.load_state_dict(state["weights"])
+        return model.to(torch.bfloat16) if opts.bf16 else model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if opts.bf16 else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    device = {"": 0} if torch.cuda.is_available() else None
+    return AutoModelForCausalLM.from_pretrained(
+        state["dir"], quantization_config=quant, dtype=dtype, device_map=device
+    )
+
+
+class StepTimer:
+    """A TrainerCallback timing optimizer steps; measures the peak memory of step `profile_step` when asked."""
+
+    def __init__(self, profile_step: int | None):
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU time: what the step cost, less sensitive to other load
+        self.profile_step, self.peak_bytes, self._t0, self._c0, self._rss_before = profile_step, None, 0.0, 0.0, 0
+
+    def on_step_begin(self, args, state, control, **kw):
+        import torch
+
+        if state.global_step == self.profile_step:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                self._rss_before = reset_peak_rss()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def on_step_end(self, args, state, control, **kw):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if state.global_step - 1 != self.profile_step:
+            self.times.append(time.perf_counter() - self._t0)
+            self.cpu_times.append(time.process_time() - self._c0)
+            return
+        if torch.cuda.is_available():
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        else:  # what the step added at its peak, plus what lives across steps
+            grown = proc_status_kib("VmHWM") * 1024 - self._rss_before
+            self.peak_bytes = grown + held_bytes(kw["model"], kw["optimizer"])
+
+    def __getattr__(self, name):  # the other TrainerCallback events: nothing to do
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+
+def proc_status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def reset_peak_rss() -> int:
+    """Return freed heap pages to the OS, reset the peak resident set size to the current one; bytes resident now."""
+    _LIBC.malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+    return proc_status_kib("VmRSS") * 1024
+
+
+def held_bytes(model, optimizer) -> int:
+    """Bytes of the parameters and the optimizer state, which live across steps."""
+    import torch
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for s in optimizer.state.values():
+        total += sum(v.numel() * v.element_size() for v in s.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+def run_size(name: str, opts, out: Path) -> dict[str, dict]:
+    import torch
+    from transformers import PrinterCallback
+
+    size = SIZES[name]
+    tokenizer, data = tokenizer_and_data(512)
+    base = build_model(size, tokenizer)
+    state = {"weights": {k: v.clone() for k, v in base.state_dict().items()}}
+    if opts.quant4:
+        state["dir"] = str(out / f"{name}-base")
+        base.save_pretrained(state["dir"])
+        tokenizer.save_pretrained(state["dir"])
+    n_params = sum(p.numel() for p in base.parameters())
+    del base
+    results = {arm: {"times": [], "cpu_times": [], "peaks": []} for arm in ARMS}
+    arms = list(ARMS)
+    for r in range(opts.repeats):
+        for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
+            profile_step = opts.warmup + opts.steps  # one extra step per arm and round measures the memory
+            steps = opts.warmup + opts.steps + 1
+            trainer = make_trainer(arm, size, state, tokenizer, data, steps, out, opts)
+            timer = StepTimer(profile_step)
+            trainer.add_callback(timer)
+            trainer.remove_callback(PrinterCallback)  # no metrics dictionary per step on the terminal
+            trainer.train()
+            results[arm]["times"] += timer.times[opts.warmup :]
+            results[arm]["cpu_times"] += timer.cpu_times[opts.warmup :]
+            results[arm]["peaks"].append(timer.peak_bytes)
+
+            results[arm]["breakdown"] = breakdown(trainer)
+            print(f"[{name}] round {r + 1}/{opts.repeats} {arm}: {statistics.median(timer.times):.3f} s/step",
+                  file=sys.stderr, flush=True)
+            del trainer, timer
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    for res in results.values():
+        res["median"] = statistics.median(res["times"])
+        res["cpu_median"] = statistics.median(res["cpu_times"])
+        res["peak"] = statistics.median(res["peaks"])
+        res["tokens_per_s"] = size.prompts * size.generations * size.completion / res["median"]
+    results["_params"] = n_params
+    return results
+
+
+def breakdown(trainer) -> dict[str, float]:
+    """Medians of the trainer's own timing metrics over the run (routed arms only) and of TRL's step time."""
+    logs = trainer.state.log_history
+    keys = ("timing/generate_and_score", "timing/behaviour_forward", "timing/gate")
+    found = [k for k in keys if any(k in h for h in logs)]
+    return {k.split("/")[-1]: statistics.median(h[k] for h in logs if k in h) for k in found}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12, help="measured steps per arm and round")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of all arms")
-    parser.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm, print JSON
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    a = parser.parse_args()
-    if a.arm:
-        print("RESULT " + json.dumps(run_arm(a.arm, a.steps, a.warmup, Path(a.out))))
-        return
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
-    results: dict[str, dict] = {arm: {"steps": [], "peak": []} for arm in ARMS}
+    parser.add_argument("--sizes", default="organism,large", help=f"comma-separated, of {sorted(SIZES)}")
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per arm and round")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of all arms (order rotates)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights and autocast (GPU)")
+    parser.add_argument("--quant4", action="store_true", help="4-bit NF4 base via bitsandbytes")
+    opts = parser.parse_args()
+    import torch
+
+    names = [s for s in opts.sizes.split(",") if s]
+    unknown = [s for s in names if s not in SIZES]
+    if unknown:
+        parser.error(f"unknown size(s) {unknown}; choose from {sorted(SIZES)}")
+    load = os.getloadavg()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads"
+    print(f"device {device}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, bf16={opts.bf16}, "
+          f"quant4={opts.quant4}, load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    summary = {"step_ratio": {}, "memory_ratio": {}, "cpu_step_ratio": {}, "tokens_per_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(a.repeats):
-            for arm in ARMS:
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--arm",
-                    arm,
-                    "--steps",
-                    str(a.steps),
-                    "--warmup",
-                    str(a.warmup),
-                    "--out",
-                    tmp,
-                ]
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    sys.exit(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
-                res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
-                results[arm]["steps"] += res["steps"]
-                results[arm]["peak"].append(res["peak_mib"])
-                print(
-                    f"round {r + 1}/{a.repeats} {arm}: median step {breakdown(res['steps'])['total']:.3f}s",
-                    file=sys.stderr,
-                )
-    rows = {arm: breakdown(v["steps"]) | {"peak_mib": statistics.median(v["peak"])} for arm, v in results.items()}
-    cols = ["total", "generation", "rewards", "behaviour_fwd", "gate", "loss_fwd_bwd", "other_prepare", "peak_mib"]
-    print(
-        f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, {a.repeats} rounds x {a.steps} measured steps per arm "
-        f"(after {a.warmup} warm-up), seconds are medians per step"
-    )
-    print("| arm | " + " | ".join(cols) + " | step ratio | memory ratio |")
-    print("|---" * (len(cols) + 3) + "|")
-    base = rows["stock"]
-    for arm, row in rows.items():
-        cells = " | ".join(f"{row[c]:.1f}" if c == "peak_mib" else f"{row[c]:.3f}" for c in cols)
-        print(f"| {arm} | {cells} | {row['total'] / base['total']:.3f} | {row['peak_mib'] / base['peak_mib']:.3f} |")
+        for name in names:
+            res = run_size(name, opts, Path(tmp))
+            print_table(name, res, opts)
+            stock = res["stock"]
+            summary["step_ratio"][name] = {}
+            summary["memory_ratio"][name] = {}
+            summary["cpu_step_ratio"][name] = {}
+            summary["tokens_per_s"][name] = {"stock": round(stock["tokens_per_s"], 1)}
+            for arm, frac in ARMS.items():
+                if frac is None:
+                    continue
+                key = "0" if frac == 0 else str(frac)
+                summary["step_ratio"][name][key] = round(res[arm]["median"] / stock["median"], 3)
+                summary["memory_ratio"][name][key] = round(res[arm]["peak"] / stock["peak"], 3)
+                summary["cpu_step_ratio"][name][key] = round(res[arm]["cpu_median"] / stock["cpu_median"], 3)
+                summary["tokens_per_s"][name][key] = round(res[arm]["tokens_per_s"], 1)
+    load = os.getloadavg()
+    print(f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(json.dumps(summary))
+
+
+def print_table(name: str, res: dict, opts) -> None:
+    size = SIZES[name]
+    print(f"\n{name}: {res['_params'] / 1e6:.2f}M parameters, {size.prompts} prompts x {size.generations} "
+          f"generations, {size.completion} completion tokens; {opts.repeats} rounds x {opts.steps} measured steps "
+          f"per arm (after {opts.warmup} warm-up), median s/step")
+    print("| arm | s/step | step ratio | CPU s/step | CPU ratio | peak MiB | memory ratio | tokens/s | gen+score "
+          "| behaviour fwd | gate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    stock = res["stock"]
+    for arm in ARMS:
+        r = res[arm]
+        b = r.get("breakdown", {})
+        cells = [f"{b[k]:.3f}" if k in b else "-" for k in ("generate_and_score", "behaviour_forward", "gate")]
+        print(f"| {arm} | {r['median']:.3f} | {r['median'] / stock['median']:.3f} | {r['cpu_median']:.3f} | "
+              f"{r['cpu_median'] / stock['cpu_median']:.3f} | {r['peak'] / 2**20:.1f} | "
+              f"{r['peak'] / stock['peak']:.3f} | {r['tokens_per_s']:.0f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

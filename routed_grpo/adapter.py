@@ -10,14 +10,21 @@ and the deployed export for free: the deployed block *is* a stock LoRA adapter, 
 
 What this module adds on top of PEFT, all through forward hooks (never by toggling adapters, which in PEFT and
 TRL switches every adapter and re-enables gradients on exit):
-- per-row output masks `(m, d)` (DESIGN.md section 2): the quarantine block's output is multiplied by `m`; where
-  `d = 1` the deployed block's output stays in the forward but is detached. Masks stay set until
-  `clear_row_masks()`, because gradient checkpointing re-runs the forward hooks during backward;
-- deployment ablation and sampling modes: the quarantine output is multiplied by 0 for every row. Because the
-  quarantine's initial value has `B = 0`, this equals resetting the block to its initial value (I2);
-  `reset_quarantine()` does the reset on the weights themselves;
+- per-row output masks `(m, d)` (DESIGN.md section 2): where `m = 0` the quarantine block contributes exact zeros
+  (`torch.where`, never a product, so a non-finite quarantine cannot turn into NaN there): the mask is applied to
+  its bottleneck `A_q x` (r wide, cheap), or to its output when its `B` holds a non-finite value (one fused check
+  per `set_row_masks`); where `d = 1` the deployed block's output stays in the forward unchanged and its gradient
+  rows are zeroed in backward (the same gradient as a detach, without a forward copy). Masks are moved to the device
+  once per `set_row_masks` call and stay set until `clear_row_masks()`, because gradient checkpointing re-runs the
+  forward hooks during backward;
+- deployment ablation and sampling modes: the quarantine output is replaced by zeros for every row. Because the
+  quarantine's initial value has `B = 0`, this equals resetting the block to its initial value (I2), and it stays
+  finite whatever the quarantine's weights hold; `reset_quarantine()` does the reset on the weights themselves;
+- the base model (`base_model_only()`): both blocks' outputs replaced by zeros, the reference policy of the KL term
+  (no adapter switching);
 - capture of the deployed bottleneck `A_dep x`, mean-pooled over a token mask: `[batch, n_modules, r]`,
-  optionally cutting the forward short once every target module has been captured (activations only);
+  optionally cutting the forward short once every target module has been captured (activations only), or
+  streamed to a sink (`stream_capture`) that pools it while `generate` samples (routed_grpo.behaviour);
 - a seeded, name-keyed initialisation of every `A`, so the same model, rank, targets and `init_seed` give the
   same adapter in every process and every run (`v_act` depends on the initial `A_dep`);
 - a fingerprint of "same adapter geometry on the same base model" (seed, rank, targets, module shapes, sampled
@@ -110,6 +117,20 @@ class _CaptureComplete(Exception):
     """Raised by the last capture hook under `capture(stop=True)` and caught by `capture` itself."""
 
 
+class _ZeroGradRows(torch.autograd.Function):
+    """Identity in the forward (a view, no copy); in backward the gradient of the masked rows is exactly zero."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        return torch.where(rows, 0.0, grad), None
+
+
 def _module_seed(init_seed: int, block: str, name: str) -> int:
     return zlib.crc32(f"{init_seed}:{block}:{name}".encode())
 
@@ -133,15 +154,20 @@ class RoutedAdapter:
         self.module_names = list(self.layers)
         self.rank = peft_model.peft_config[DEPLOYED].r
         self.targets = sorted(peft_model.peft_config[DEPLOYED].target_modules)
-        self._row_m: torch.Tensor | None = None  # (B,) quarantine output multiplier
-        self._row_d: torch.Tensor | None = None  # (B,) True = detach the deployed output
+        self._row_m: torch.Tensor | None = None  # (B, 1, 1) bool on the device: quarantine output kept
+        self._row_m_at_output = False  # apply `_row_m` to the quarantine's output (its B is not finite)
+        self._finite, self._finite_at = True, None  # cached `_quarantine_finite` and the weight versions it saw
+        self._row_d: torch.Tensor | None = None  # (B, 1, 1) bool on the device: deployed output detached
         self._rows_n: int | None = None  # batch size the masks were set for
         self._quarantine_off = 0  # depth of nested ablation contexts
+        self._blocks_off = 0  # depth of nested base-model contexts (both blocks off)
         self._token_mask: torch.Tensor | None = None  # (B, T) while capturing
         self._captured: dict[str, torch.Tensor] = {}
         self._stop = False  # capture(stop=True): end the forward once every module is captured
+        self._sink = None  # callable(name, (B, L, r) output) while streaming
         self._handles = []
         for name, layer in self.layers.items():
+            self._handles.append(layer.lora_A[QUARANTINE].register_forward_hook(self._quarantine_bottleneck_hook))
             self._handles.append(layer.lora_B[QUARANTINE].register_forward_hook(self._quarantine_hook))
             self._handles.append(layer.lora_B[DEPLOYED].register_forward_hook(self._deployed_hook))
             self._handles.append(layer.lora_A[DEPLOYED].register_forward_hook(self._capture_hook(name)))
@@ -238,17 +264,32 @@ class RoutedAdapter:
     def set_row_masks(self, m: torch.Tensor, d: torch.Tensor) -> None:
         """Per-row masks for the next forward(s) and their backward; keep them until `clear_row_masks()`.
 
-        The batch size is checked against every forward. A mask that changes nothing (`m` all ones, `d` all zeros)
-        is stored as None, which skips its hook's tensor work.
+        `m`, `d` (B,) take values in {0, 1}; pass them on the device of the forward (they are converted there once,
+        not in every hook call). The batch size is checked against every forward. A mask that changes nothing (`m`
+        all ones, `d` all zeros) is stored as None, which skips its hook's tensor work.
         """
         if m.shape != d.shape or m.dim() != 1:
             raise ValueError(f"masks must be 1-d and equal shapes, got m {tuple(m.shape)} and d {tuple(d.shape)}")
         self._rows_n = m.shape[0]
-        self._row_m = None if bool((m == 1).all()) else m.detach().float()
-        self._row_d = None if not bool(d.any()) else d.detach().bool()
+        on, detach = m.detach() != 0, d.detach() != 0
+        self._row_m = None if bool(on.all()) else on.view(-1, 1, 1)
+        self._row_d = detach.view(-1, 1, 1) if bool(detach.any()) else None
+        self._row_m_at_output = self._row_m is not None and not self._quarantine_finite()
 
     def clear_row_masks(self) -> None:
         self._row_m = self._row_d = self._rows_n = None
+        self._row_m_at_output = False
+
+    def _quarantine_finite(self) -> bool:
+        """Whether every quarantine `B` is finite: one fused reduction and one host synchronisation, redone only
+        after the weights changed (their in-place version counters moved, e.g. by an optimizer step)."""
+        weights = [layer.lora_B[QUARANTINE].weight for layer in self.layers.values()]
+        versions = tuple(w._version for w in weights)
+        if self._finite_at != versions:
+            peaks = torch._foreach_norm(weights, ord=math.inf)
+            self._finite = bool(torch.isfinite(torch.stack([p.to(weights[0].device) for p in peaks])).all())
+            self._finite_at = versions
+        return self._finite
 
     @contextlib.contextmanager
     def deployment_ablation(self) -> Iterator[None]:
@@ -259,6 +300,15 @@ class RoutedAdapter:
         finally:
             self._quarantine_off -= 1
 
+    @contextlib.contextmanager
+    def base_model_only(self) -> Iterator[None]:
+        """Forward as the base model: both blocks' outputs are zero for every row (the KL reference policy)."""
+        self._blocks_off += 1
+        try:
+            yield
+        finally:
+            self._blocks_off -= 1
+
     def sampling_mode(self, mode: SamplingMode) -> contextlib.AbstractContextManager:
         if mode == "deploy":
             return self.deployment_ablation()
@@ -266,25 +316,36 @@ class RoutedAdapter:
             return contextlib.nullcontext()
         raise ValueError(f"sampling mode must be 'deploy' or 'full', got {mode!r}")
 
-    def _rows(self, mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return mask.to(device=out.device).view(-1, *([1] * (out.dim() - 1)))
+    @staticmethod
+    def _rows(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The (B, 1, 1) mask shaped and placed for `out` (a view; a copy only for a model split over devices)."""
+        if out.dim() != 3:
+            mask = mask.view(-1, *([1] * (out.dim() - 1)))
+        return mask if mask.device == out.device else mask.to(out.device)
 
     def _check_rows(self, out: torch.Tensor) -> None:
         if self._rows_n is not None and self._rows_n != out.shape[0]:
             raise RuntimeError(f"row masks are set for {self._rows_n} rows but the forward has {out.shape[0]}")
 
+    def _quarantine_bottleneck_hook(self, module, args, h: torch.Tensor) -> torch.Tensor:
+        if self._row_m is None or self._row_m_at_output or self._quarantine_off or self._blocks_off:
+            return h
+        return torch.where(self._rows(self._row_m, h), h, 0.0)  # (B, T, r); B_q times 0 is exactly 0 (finite B_q)
+
     def _quarantine_hook(self, module, args, out: torch.Tensor) -> torch.Tensor:
         self._check_rows(out)
-        if self._quarantine_off:
-            return out * 0.0
-        if self._row_m is not None:
-            return out * self._rows(self._row_m, out).to(out.dtype)
+        if self._quarantine_off or self._blocks_off:
+            return torch.zeros_like(out)  # replaced, not multiplied: inf * 0 would be NaN
+        if self._row_m is not None and self._row_m_at_output:
+            return torch.where(self._rows(self._row_m, out), out, 0.0)  # (B, T, d_out); exact zeros where m = 0
         return out
 
     def _deployed_hook(self, module, args, out: torch.Tensor) -> torch.Tensor:
+        if self._blocks_off:
+            return torch.zeros_like(out)
         if self._row_d is None:
             return out
-        return torch.where(self._rows(self._row_d, out), out.detach(), out)  # same value; no gradient where d = 1
+        return _ZeroGradRows.apply(out, self._rows(self._row_d, out))  # same value; no gradient where d = 1
 
     # ---- activation capture -------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -303,6 +364,15 @@ class RoutedAdapter:
         finally:
             self._token_mask, self._stop = None, False
 
+    @contextlib.contextmanager
+    def stream_capture(self, sink) -> Iterator[None]:
+        """Call `sink(module_name, h)` with the deployed bottleneck `h = A_dep x` (B, L, r) of every forward."""
+        self._sink = sink
+        try:
+            yield
+        finally:
+            self._sink = None
+
     def pooled(self) -> torch.Tensor:
         """The captured activations, `[batch, n_modules, r]` in `module_names` order (float32)."""
         missing = [n for n in self.module_names if n not in self._captured]
@@ -312,6 +382,9 @@ class RoutedAdapter:
 
     def _capture_hook(self, name: str):
         def hook(module, args, out: torch.Tensor) -> None:
+            if self._sink is not None:
+                self._sink(name, out)
+                return
             if self._token_mask is None:
                 return
             if name in self._captured:

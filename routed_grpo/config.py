@@ -19,6 +19,13 @@ class RoutedGRPOConfig(GRPOConfig):
     `A = r - mean_group(r)`, no std scaling, no length normalisation) and `disable_dropout=True` (generation runs
     in train mode, and dropout would make behaviour log-probs differ from the policy that sampled).
 
+    Inherited settings with a routing-specific meaning: `beta` (KL coefficient) penalises the divergence from the
+    BASE model, both blocks off (the grad-carrying forward keeps each row's masks, so the KL gradient reaches only
+    the blocks that row trains); `use_vllm` samples each sampling mode with its own merged weights (colocate or
+    server; not yet run on a GPU). Refused: `sync_ref_model`; with routing on also `use_liger_kernel`,
+    `disable_dropout=False` and continuous batching with `0 < gen_deploy_frac < 1`; the trainer also refuses
+    DeepSpeed (any ZeRO stage) and FSDP with routing on.
+
     Parameters:
         routing (`str`, *optional*, defaults to `"vact"`):
             Gate direction: `"vact"` (from `vact_path` or extracted from `vact_pairs_path` at start), `"placebo"`
@@ -135,10 +142,10 @@ class RoutedGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"vact_refresh_steps={self.vact_refresh_steps} needs vact_pairs_path to re-extract v_act from"
             )
-        if self.beta != 0.0:
+        if self.sync_ref_model:
             raise ValueError(
-                f"beta={self.beta} is not supported: TRL's KL reference for PEFT models switches the active adapter "
-                "set (it clones a 'ref' adapter from 'default'), which would drop one of the two blocks. Use beta=0."
+                "sync_ref_model=True is not supported: the KL reference (beta != 0) is the base model, both blocks "
+                "off through the adapter's hooks, and stays fixed"
             )
         if self.routing != "none" and not self.disable_dropout:
             raise ValueError(
@@ -150,8 +157,9 @@ class RoutedGRPOConfig(GRPOConfig):
                 f"use_transformers_continuous_batching=True with gen_deploy_frac={self.gen_deploy_frac}: continuous "
                 "batching packs rows together and cannot apply per-row sampling modes. Use 0 or 1, or turn it off."
             )
-        if self.use_vllm:
+        if self.routing != "none" and self.use_liger_kernel:
             raise ValueError(
-                "use_vllm=True is not supported: vLLM cannot apply the per-row quarantine masks of the sampling "
-                "modes. Generate with transformers (use_vllm=False)."
+                "use_liger_kernel=True with routing on: Liger's kernels replace the model's layer forwards, which the "
+                "routing hooks (row masks, activation capture) and the per-token log-prob hook are not tested "
+                "with. Set use_liger_kernel=False."
             )

@@ -76,19 +76,41 @@ def first_nonfinite_zone(row_mean: Tensor, row_max: Tensor, zones: Tensor) -> st
     return None
 
 
-def grad_norm(params) -> float:
-    """L2 norm of the gradients of `params` (parameters without a gradient count as zero)."""
-    total = torch.zeros(())
-    for p in params:
-        if p.grad is not None:
-            total = total + p.grad.detach().float().pow(2).sum().cpu()
-    return total.sqrt().item()
+def block_grad_norms(deployed: list[Tensor | None], quarantine: list[Tensor | None]) -> Tensor:
+    """L2 norms of the deployed and the quarantine block's gradients, (2,) float32 on the device.
+
+    One fused reduction over all gradients (`torch._foreach_norm`), no host synchronisation; a missing gradient
+    (None) counts as zero.
+    """
+    grads = [g for g in (*deployed, *quarantine) if g is not None]
+    owner = [0] * sum(g is not None for g in deployed) + [1] * sum(g is not None for g in quarantine)
+    if not grads:
+        return torch.zeros(2)
+    device = grads[0].device
+    norms = torch.stack([n.to(device) for n in torch._foreach_norm(grads)]).float()  # (n_grads,)
+    index = torch.tensor(owner, device=device)
+    return torch.zeros(2, device=device).index_add_(0, index, norms.pow(2)).sqrt()
 
 
-def grad_qmass(deployed_norm: float, quarantine_norm: float) -> float:
-    """Share of gradient norm that reached the quarantine block: |g_q| / (|g_dep| + |g_q|); 0 if both are 0."""
-    total = deployed_norm + quarantine_norm
-    return quarantine_norm / total if total > 0 else 0.0
+def grad_qmass(norms: Tensor) -> Tensor:
+    """Share of gradient norm that reached the quarantine block, |g_q| / (|g_dep| + |g_q|); 0 if both are 0.
+
+    norms: (2,) as returned by `block_grad_norms`. Returns a 0-d tensor on the same device.
+    """
+    total = norms.sum()
+    return torch.where(total > 0, norms[1] / total.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+
+
+def zero_grad_flags(grads: list[Tensor]) -> Tensor:
+    """(n,) bool on the device of the first gradient: True where every entry of that gradient is exactly zero.
+
+    One fused reduction (`torch._foreach_norm` with the max norm, which is 0 exactly when all entries are 0), so the
+    caller needs a single host synchronisation to read all flags, not one per parameter.
+    """
+    if not grads:
+        return torch.zeros(0, dtype=torch.bool)
+    device = grads[0].device
+    return torch.stack([n.to(device) for n in torch._foreach_norm(grads, ord=math.inf)]) == 0
 
 
 def dr_grpo_loss(

@@ -2,65 +2,73 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 
-from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_routed_adapter
+from routed_grpo.adapter import DEPLOYED, QUARANTINE
+from routed_grpo.behaviour import BaseModelReference, SamplingPassPool, completion_pool_mask, sampling_mode_forward
 from routed_grpo.config import RoutedGRPOConfig
 from routed_grpo.gate import ROUTE, Gate
 from routed_grpo.loss import (
+    block_grad_norms,
     cap_mismatched_ratio,
     draw_sampling_modes,
     first_nonfinite_zone,
-    grad_norm,
     grad_qmass,
     mismatched_rows,
     per_row_rho,
     rho_by_zone,
 )
-from routed_grpo.pairs import load_pairs
-from routed_grpo.vact import auroc, extract_vact, haar_placebo, load_vact
+from routed_grpo.routing_state import RoutingState, routed_adapter, without_trl_kl_reference
+from routed_grpo.vact import auroc
+from routed_grpo.vllm_sync import PerModeGeneration
 
-ROUTING_STATE = "routing_state.pt"
 MeasureFn = Callable[..., dict[str, list[float]]]
+log = logging.getLogger(__name__)
 
 
-class RoutedGRPOTrainer(GRPOTrainer):
+class RoutedGRPOTrainer(RoutingState):
     """GRPO with a deployed and a quarantine adapter block and a label-free gate (DESIGN.md section 3).
 
     What differs from `trl.GRPOTrainer`:
     - `__init__` attaches the two-block adapter (`routed_grpo.adapter`) to the model (a model id is loaded first);
-      `peft_config` is not accepted, because the adapter is part of the method.
+      `peft_config` is not accepted, because the adapter is part of the method. With `beta != 0` the KL reference is
+      the base model, both blocks off through the adapter's own hooks (`BaseModelReference`), not a PEFT "ref" adapter.
     - `_generate_single_turn`: each rollout gets a sampling mode (`deploy` with probability `gen_deploy_frac`,
-      seeded); one `generate` call samples both modes through per-row quarantine masks.
-    - `_generate_and_score_completions`: after TRL's rewards and Dr.GRPO advantages, one no-grad forward per chunk in
-      each rollout's own sampling mode gives the behaviour log-probs `old_per_token_logps` and, through hooks, the
-      pooled deployed bottleneck activations; the gate scores them against `v_act`, appends them to the buffer,
-      takes thresholds over the whole buffer and returns zones and masks (new batch keys `routing_m`, `routing_d`,
-      `routing_zone`, `sampling_full`).
-    - `compute_loss` sets the masks for the grad-carrying forward; `training_step` clears them only after backward
-      (gradient checkpointing re-runs the forward hooks), then logs the routing mass of the gradient norm.
+      seeded); one `generate` call samples both modes through per-row quarantine masks and, on the way, reads the
+      deployed bottleneck pooled over each completion and each sampled token's log-prob
+      (`routed_grpo.behaviour.SamplingPassPool`). With `use_vllm`, each mode is generated with its own merged
+      weights (`routed_grpo.vllm_sync`).
+    - `_generate_and_score_completions`: after TRL's rewards and Dr.GRPO advantages, the gate scores the pooled
+      activations against `v_act`, appends them to the buffer, takes thresholds over the whole buffer and returns
+      zones and masks (batch keys `routing_m`, `routing_d`, `routing_zone`, `sampling_full`). Behaviour log-probs
+      `old_per_token_logps` are the sampler's, in each row's sampling mode; matched rows (`routing_logp_from_loss`)
+      instead take the grad-carrying forward's detached log-probs before the first update, which is exactly their
+      behaviour policy (rho == 1 bit for bit). No extra forward runs: where TRL computes old log-probs itself
+      (several optimizer steps per generation batch, or vLLM's importance-sampling correction), its forward runs
+      in each row's sampling mode and supplies both log-probs and activations; only where no sampling pass can be
+      observed does one teacher-forced forward in sampling modes supply them (with a warning).
+    - `compute_loss` sets the masks for the grad-carrying forward and fails if the log-prob hook did not run;
+      `training_step` clears the masks only after backward (gradient checkpointing re-runs the forward hooks), then
+      logs the routing mass of the gradient norm (one fused reduction).
     - Checkpoints also hold the gate buffer, `v_act` and the sampling RNG state (the deployed block is already a
       stock PEFT adapter in `checkpoint-N/deployed/`); `resume_from_checkpoint` restores them and keeps both blocks
       active. Adapter blocks get no weight decay, and a block parameter with an exactly zero gradient gets no
       optimizer step (no momentum drift): no gradient means no change.
-    - Rejected with routing on: tools / environment_factory / rollout_func, FSDP and ZeRO-3 (untested).
+    - Rejected with routing on: tools / environment_factory / rollout_func, vision-language models, FSDP and every
+      DeepSpeed stage (untested, and DeepSpeed neither fills `param.grad` nor steps the hooked optimizer).
     - `mismatch_ratio_cap` truncates `rho` on rows whose training mode differs from their sampling mode.
     The zones come from `_decide_zones(acts, output)`, which calls the gate and nothing else. Only the DIAGNOSTIC
     upper-bound trainers of `routed_grpo.lab.diagnostic` override it (`routing="diagnostic"`, which this class
     refuses), so the method's arms (`vact`, `placebo`) have no path to labels.
-    Inherited unchanged: data loading, reward computation, advantages, the clipped surrogate and its aggregation,
-    generation itself, logging, evaluation. With `routing="none"` the trainer is stock GRPO with the adapter.
+    Inherited unchanged: data loading, reward computation, advantages, the clipped surrogate, the KL term and their
+    aggregation, logging, evaluation. With `routing="none"` the trainer is stock GRPO with the adapter.
     An optional `measure_fn(prompts, completions, **columns) -> {"hack_strict": [...]}` is called after the gate
     has decided, only to log `measure/...` (the AUROC of the score); nothing it returns reaches the gate or loss.
     """
@@ -78,17 +86,27 @@ class RoutedGRPOTrainer(GRPOTrainer):
             )
         if kw.get("peft_config") is not None:
             raise ValueError("peft_config is not accepted: RoutedGRPOTrainer attaches its own two-block adapter")
-        self.adapter = _routed_adapter(model, args)
-        super().__init__(self.adapter.model, reward_funcs, args, *pos, **kw)
+        self.adapter = routed_adapter(model, args)
+        with without_trl_kl_reference(args):
+            super().__init__(self.adapter.model, reward_funcs, args, *pos, **kw)
+        self.beta = args.beta
+        self.ref_model = BaseModelReference(self.adapter) if self.beta != 0.0 else None
         self._reject_unsupported()
         self.measure_fn = measure_fn
         self._sampling_rng = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
         self._sampling_full: torch.Tensor | None = None  # (B,) of the last generation
+        self._sampling_pool: SamplingPassPool | None = None
+        self._trl_behaviour = False  # True while TRL's own old-log-prob forward may run (in sampling modes)
+        self._acts: torch.Tensor | None = None  # (B, M, r) pooled by TRL's old-log-prob forward
+        self._updated_since_generation = False
         self._stash_logps = False
-        self._loss_logps: torch.Tensor | None = None
+        self._loss_logps: torch.Tensor | None = None  # (B, T) detached log-probs of the last loss forward
+        self._loss_old_logps: torch.Tensor | None = None  # (B, T) behaviour log-probs that loss used
         self._loss_inputs: dict[str, Any] | None = None
         self._last_refresh = 0
+        self._warned_fallback = False
         self.gate = None
+        self._vllm_modes = None
         if args.routing != "none":
             self.gate = Gate(
                 self._initial_vact(),
@@ -98,137 +116,141 @@ class RoutedGRPOTrainer(GRPOTrainer):
                 self.accelerator.device,
                 warmup_rollouts=args.gate_warmup_rollouts,
             )
-
-    def _reject_unsupported(self) -> None:
-        if self.args.routing == "none":
-            return
-        if self.tools or self.environment_factories is not None or self.rollout_func is not None:
-            raise ValueError(
-                "tools, environment_factory and rollout_func are not supported with routing on: multi-turn "
-                "generation re-enters generation for a subset of rows, so sampling modes and masks lose alignment"
-            )
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if self.is_fsdp_enabled or zero3:
-            raise ValueError(
-                "FSDP and DeepSpeed ZeRO-3 are not supported yet with routing on: the gate's gradient metrics, the "
-                "checkpoint resume of both blocks and the activation hooks are untested on sharded parameters. "
-                "Use DDP or ZeRO-2 (recipes/accelerate_configs/ddp.yaml, zero2.yaml)."
-            )
-
-    # ---- v_act ----------------------------------------------------------------------------------------------------
-    def _extract_vact(self) -> torch.Tensor:
-        """Extract on every rank, then take rank 0's, so the gate is identical everywhere even if kernels are not."""
-        args = self.args
-        pairs = load_pairs(args.vact_pairs_path, tags=args.vact_pairs_tags, exclude_tags=args.vact_pairs_exclude_tags)
-        vact = extract_vact(self.adapter, self.processing_class, pairs, mode=self.args.vact_sampling_mode)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            vact = vact.to(self.accelerator.device)
-            torch.distributed.broadcast(vact, src=0)
-        return vact.cpu()
-
-    def _initial_vact(self) -> torch.Tensor:
-        args = self.args
-        if args.routing == "vact" and args.vact_path:
-            return load_vact(args.vact_path, self.adapter)[0]
-        if args.routing == "vact":
-            return self._extract_vact()
-        like = torch.zeros(len(self.adapter.module_names), self.adapter.rank)
-        return haar_placebo(like, args.placebo_seed)
-
-    def _maybe_refresh_vact(self) -> None:
-        step, every = self.state.global_step, self.args.vact_refresh_steps
-        if self.args.routing != "vact" or not every or step - self._last_refresh < every:
-            return
-        old = self.gate.vact.clone()
-        self.gate.set_vact(self._extract_vact())
-        self._last_refresh = step
-        cos = torch.nn.functional.cosine_similarity(old, self.gate.vact.to(old.device), dim=-1).mean().item()
-        self._metrics["train"]["routing/vact_refresh_cos"].append(cos)
+            if self.use_vllm:
+                self._vllm_modes = PerModeGeneration(self.vllm_generation, self.adapter)
 
     # ---- generation: sampling modes -------------------------------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         n = len(prompt_ids)
-        training = self.model.training and self.gate is not None
-        full = draw_sampling_modes(n, self.args.gen_deploy_frac, self._sampling_rng) if training else None
+        routed = self.model.training and self.gate is not None
+        full = draw_sampling_modes(n, self.args.gen_deploy_frac, self._sampling_rng) if routed else None
         self._sampling_full = full if full is not None else torch.ones(n, dtype=torch.bool)
-        if full is None or full.all():
+        self._sampling_pool = None
+        if self._vllm_modes is not None:
+            return self._vllm_generate(prompt_ids, self._sampling_full if routed else None)
+        if not routed:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
-        if not full.any():
-            with self.adapter.deployment_ablation():
-                return super()._generate_single_turn(
+        pool = self._new_sampling_pool()
+        with self._sampling_modes(full):
+            with pool.attached() if pool is not None else contextlib.nullcontext():
+                completion_ids, logprobs = super()._generate_single_turn(
                     prompt_ids, images, multimodal_fields, num_generations, has_tool_images
                 )
-        self.adapter.set_row_masks(full.float(), torch.zeros(n))  # deploy rows: quarantine output x 0
-        try:
-            return super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
-        finally:
-            self.adapter.clear_row_masks()
+            if pool is not None:  # the last token of each completion, never fed back while sampling
+                pool.finish(completion_ids, self.model, self.args.gradient_checkpointing_kwargs)
+        self._sampling_pool = pool
+        return completion_ids, logprobs
 
-    # ---- behaviour forward and gate ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _behaviour_forward(self, input_ids, attention_mask, logits_to_keep, full, pool_mask):
-        """Per-token log-probs in each row's sampling mode (B, T_c) and pooled activations (B, M, r)."""
-        chunk = self.args.per_device_train_batch_size
-        logps, acts = [], []
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            for s in range(0, input_ids.size(0), chunk):
-                lp, h = self._behaviour_chunk(
-                    input_ids[s : s + chunk],
-                    attention_mask[s : s + chunk],
-                    logits_to_keep,
-                    full[s : s + chunk],
-                    pool_mask[s : s + chunk],
-                )
-                logps.append(lp)
-                acts.append(h)
-        return torch.cat(logps), torch.cat(acts)
+    @contextlib.contextmanager
+    def _sampling_modes(self, full: torch.Tensor):
+        """Forward in each row's sampling mode: `full` (B,) bool, True = both blocks on."""
+        if bool(full.all()):
+            yield
+        elif not bool(full.any()):
+            with self.adapter.deployment_ablation():
+                yield
+        else:
+            on = full.to(self.accelerator.device)
+            self.adapter.set_row_masks(on.float(), torch.zeros_like(on, dtype=torch.float32))  # deploy rows: m = 0
+            try:
+                yield
+            finally:
+                self.adapter.clear_row_masks()
 
-    def _behaviour_chunk(self, input_ids, attention_mask, logits_to_keep, full, pool_mask):
-        self.adapter.set_row_masks(full.float(), torch.zeros(full.shape))
-        try:
-            with self.adapter.capture(pool_mask):
-                lp, _, _ = self._get_per_token_logps_and_entropies(
-                    self.model, input_ids, attention_mask, logits_to_keep, batch_size=input_ids.size(0)
-                )
-        finally:
-            self.adapter.clear_row_masks()
-        return lp, self.adapter.pooled()
+    def _new_sampling_pool(self) -> SamplingPassPool | None:
+        """A pool for the activations of the coming `generate` call, or None where none can be observed there."""
+        cfg = self.generation_config
+        if self._trl_behaviour or self.use_transformers_continuous_batching:
+            return None  # TRL's own old-log-prob forward pools them / packed rows
+        if cfg.cache_implementation is not None or (cfg.num_beams or 1) != 1 or cfg.use_cache is False:
+            return None
+        return SamplingPassPool(self.adapter, self.eos_token_ids, self._tokenizer.pad_token_id, self.temperature)
+
+    def _vllm_generate(self, prompt_ids, full: torch.Tensor | None):
+        """vLLM: each sampling mode's rows with that mode's weights (`full` None: every row in full mode)."""
+        step = self.state.global_step
+        full = torch.ones(len(prompt_ids), dtype=torch.bool) if full is None else full
+
+        def global_counts(counts: list[int]) -> list[int]:
+            local = torch.tensor(counts, device=self.accelerator.device)
+            return self.accelerator.gather(local).view(-1, len(counts)).max(0).values.tolist()
+
+        completion_ids, logprobs = self._vllm_modes.generate(prompt_ids, full, step, global_counts)
+        self._last_loaded_step = step  # TRL's own sync flag: the weights are current
+        return completion_ids, logprobs
+
+    # ---- behaviour log-probs and gate -------------------------------------------------------------------------------
+    def _trl_computes_old_logps(self) -> bool:
+        """TRL's own condition for computing `old_per_token_logps` in `_generate_and_score_completions`."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        is_correction = self.use_vllm and self.vllm_importance_sampling_correction
+        return self.args.gradient_accumulation_steps % generate_every != 0 or is_correction
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        if self.gate is not None and self.model.training:
-            self._maybe_refresh_vact()
-        t0 = time.perf_counter()
-        output = super()._generate_and_score_completions(inputs)
         if self.gate is None or not self.model.training:
-            return output
+            return super()._generate_and_score_completions(inputs)
+        self._maybe_refresh_vact()
+        self._acts, self._trl_behaviour = None, self._trl_computes_old_logps()
+        t0 = time.perf_counter()
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._trl_behaviour = False
         t1 = time.perf_counter()
-        device = self.accelerator.device
-        full = self._sampling_full.to(device)
-        prompt_mask, completion_mask = output["prompt_mask"], output["completion_mask"]
-        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        pool_tokens = completion_mask.clone()  # (B, T_c)
-        empty = pool_tokens.sum(1) == 0  # rows masked out by mask_truncated_completions: pool their tokens anyway
-        if empty.any():
-            pool_tokens[empty] = (output["completion_ids"][empty] != self._tokenizer.pad_token_id).to(
-                pool_tokens.dtype
-            )
-        pool_mask = torch.cat([torch.zeros_like(prompt_mask), pool_tokens], dim=1)  # completion tokens only
-        logps, acts = self._behaviour_forward(input_ids, attention_mask, completion_mask.size(1), full, pool_mask)
+        self._updated_since_generation = False
+        full = self._sampling_full.to(self.accelerator.device)
+        old, acts = self._observed_behaviour(output)
+        if acts is None:  # no sampling pass to read: one teacher-forced forward in sampling modes gives both
+            old, acts = self._sampling_mode_forward(output, full, pool=True)
         t2 = time.perf_counter()
         decision = self._decide_zones(acts, output)
         t3 = time.perf_counter()
-        output["old_per_token_logps"] = logps  # the behaviour policy: rho = exp(logp - logp_old)
-        output["routing_m"], output["routing_d"] = decision.m.to(device), decision.d.to(device)
-        output["routing_zone"], output["sampling_full"] = decision.zones.to(device), full.float()
+        mismatched = mismatched_rows(decision.zones, full)
+        output["old_per_token_logps"] = old  # the behaviour policy: rho = exp(logp - logp_old)
+        output["routing_logp_from_loss"] = ~mismatched
+        output["routing_m"], output["routing_d"] = decision.m.to(full.device), decision.d.to(full.device)
+        output["routing_zone"], output["sampling_full"] = decision.zones.to(full.device), full.float()
         self._log_gate(decision, full, {"generate_and_score": t1 - t0, "behaviour_forward": t2 - t1, "gate": t3 - t2})
         if self.measure_fn is not None:
+            t4 = time.perf_counter()
             self._log_measurements(inputs, output, decision)
+            self._metrics["train"]["timing/measure"].append(time.perf_counter() - t4)
         return output
+
+    def _observed_behaviour(self, output) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Behaviour log-probs (B, T) and pooled activations (B, M, r) observed on the way: from TRL's old-log-prob
+        forward (run in sampling modes) or from the sampling pass; (None, None) where neither was observed."""
+        pool, self._sampling_pool = self._sampling_pool, None
+        if self._acts is not None:
+            acts, self._acts = self._acts, None
+            return output["old_per_token_logps"], acts
+        if pool is not None and pool.problem is None:
+            return pool.logps(output["completion_ids"].size(1)), pool.pooled(output["completion_mask"])
+        if not self._warned_fallback:
+            why = pool.problem if pool is not None else "the generation backend exposes no sampling pass"
+            log.warning("routing: behaviour log-probs and activations from an extra teacher-forced forward (%s)", why)
+            self._warned_fallback = True
+        return None, None
+
+    def _sampling_mode_forward(self, output, full, rows=None, pool=False):
+        """`behaviour.sampling_mode_forward` on the batch: (logps (B, T), acts (B, M, r) or None)."""
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        input_ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)
+        pad = self._tokenizer.pad_token_id
+        pool_mask = completion_pool_mask(completion_ids, completion_mask, pad) if pool else None
+        keep = completion_ids.size(1)
+        return self._forward_in_sampling_modes(input_ids, attention_mask, keep, full, rows, pool_mask)
+
+    def _forward_in_sampling_modes(self, input_ids, attention_mask, logits_to_keep, full, rows, pool_mask):
+        def logps_fn(ids, mask, keep):
+            return GRPOTrainer._get_per_token_logps_and_entropies(self, self.model, ids, mask, keep, ids.size(0))[0]
+
+        chunk, checkpointing = self.args.per_device_train_batch_size, self.args.gradient_checkpointing_kwargs
+        batch = (input_ids, attention_mask, logits_to_keep, full, chunk, rows, pool_mask)
+        return sampling_mode_forward(logps_fn, self.adapter, self.model, *batch, checkpointing)
 
     def _decide_zones(self, acts: torch.Tensor, output: dict[str, Any]):
         """Zones and masks of this process's rollouts: the label-free gate on pooled activations (N, M, r)."""
@@ -241,11 +263,14 @@ class RoutedGRPOTrainer(GRPOTrainer):
         scores = self.accelerator.gather(decision.scores.float())
         metrics["routing/threshold_lo"].append(decision.lo)
         metrics["routing/threshold_hi"].append(decision.hi)
-        metrics["routing/score_mean"].append(scores.mean().item())
-        metrics["routing/score_std"].append(scores.std().item() if scores.numel() > 1 else 0.0)
+        stats = torch.stack([scores.mean(), scores.std() if scores.numel() > 1 else scores.new_zeros(())])
+        sampled_full = self.accelerator.gather(full.float()).mean()
+        score_mean, score_std, full_frac = torch.cat([stats, sampled_full.view(1)]).tolist()
+        metrics["routing/score_mean"].append(score_mean)
+        metrics["routing/score_std"].append(score_std)
         metrics["routing/qmass"].append(decision.zone_frac["absorb"] + decision.zone_frac["route"])
         metrics["routing/buffer_size"].append(float(decision.buffer_size))
-        metrics["routing/sampling_deploy_frac"].append(1.0 - self.accelerator.gather(full.float()).mean().item())
+        metrics["routing/sampling_deploy_frac"].append(1.0 - full_frac)
         for key, value in seconds.items():
             metrics[f"timing/{key}"].append(value)
 
@@ -277,19 +302,43 @@ class RoutedGRPOTrainer(GRPOTrainer):
             if y.any():
                 metrics[f"measure/recall_at_route_{key}"].append((routed & y).sum().item() / y.sum().item())
 
-    # ---- loss: masks during the grad-carrying forward -------------------------------------------------------------
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+    # ---- log-probs: KL reference, TRL's old-log-prob forward, the loss forward -----------------------------------
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        if isinstance(model, BaseModelReference):  # the KL reference: the base model, both blocks off
+            with self.adapter.base_model_only():
+                return super()._get_per_token_logps_and_entropies(
+                    self.model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+                )
+        if self._trl_behaviour and not self._stash_logps:  # TRL's old-log-prob forward: each row in its sampling mode
+            full = self._sampling_full.to(input_ids.device)
+            k = logits_to_keep
+            pool = completion_pool_mask(input_ids[:, -k:], attention_mask[:, -k:], self._tokenizer.pad_token_id)
+            logps, self._acts = self._forward_in_sampling_modes(input_ids, attention_mask, k, full, None, pool)
+            return logps, None, None
+        out = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
         if self._stash_logps:
-            self._loss_logps = out[0].detach()
-            if self.args.mismatch_ratio_cap is not None:
-                self._cap_mismatched(self._loss_inputs, self._loss_logps)
+            self._stash_loss_logps(out[0].detach())
         return out
 
-    def _cap_mismatched(self, inputs: dict[str, Any], logps: torch.Tensor) -> None:
-        """Replace the loss's behaviour log-probs so that `rho <= mismatch_ratio_cap` on mismatched rows.
+    def _stash_loss_logps(self, logps: torch.Tensor) -> None:
+        """Complete the loss's behaviour log-probs (TRL's `_compute_loss` reads them from the copied batch dict next).
 
-        TRL's `_compute_loss` reads `old_per_token_logps` after this forward, from the (copied) batch dict."""
+        Before the first update after generation, a matched row's behaviour policy IS the current policy in the same
+        mode, so its `logp_old` is this forward's detached log-probs (rho == 1 exactly). Mismatched rows keep their
+        sampling-mode forward's; `mismatch_ratio_cap` then bounds their ratio.
+        """
+        inputs = self._loss_inputs
+        if not self._updated_since_generation:
+            from_loss = inputs["routing_logp_from_loss"].bool().unsqueeze(1)  # (B, 1)
+            inputs["old_per_token_logps"] = torch.where(from_loss, logps, inputs["old_per_token_logps"])
+        if self.args.mismatch_ratio_cap is not None:
+            self._cap_mismatched(inputs, logps)
+        self._loss_logps, self._loss_old_logps = logps, inputs["old_per_token_logps"]
+
+    def _cap_mismatched(self, inputs: dict[str, Any], logps: torch.Tensor) -> None:
+        """Replace the loss's behaviour log-probs so that `rho <= mismatch_ratio_cap` on mismatched rows."""
         rows = mismatched_rows(inputs["routing_zone"], inputs["sampling_full"])
         old, capped = cap_mismatched_ratio(logps, inputs["old_per_token_logps"], rows, self.args.mismatch_ratio_cap)
         inputs["old_per_token_logps"] = old
@@ -301,17 +350,27 @@ class RoutedGRPOTrainer(GRPOTrainer):
         if "routing_m" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self.adapter.set_row_masks(inputs["routing_m"], inputs["routing_d"])  # cleared in training_step
-        self._stash_logps = True
-        self._loss_inputs = dict(inputs)  # a copy: a capped logp_old must not reach TRL's buffered batch
+        self._stash_logps, self._loss_logps, self._loss_old_logps = True, None, None
+        self._loss_inputs = dict(inputs)  # a copy: completed / capped logp_old must not reach TRL's buffered batch
         try:
             loss = super().compute_loss(model, self._loss_inputs, return_outputs, num_items_in_batch)
         finally:
             self._stash_logps, self._loss_inputs = False, None
-        row_mean, row_max = per_row_rho(self._loss_logps, inputs["old_per_token_logps"], inputs["completion_mask"])
+        if self._loss_logps is None:
+            raise RuntimeError(
+                "the loss never called _get_per_token_logps_and_entropies: this loss path bypasses the hook that "
+                "completes the behaviour log-probs and measures rho, so routing cannot run on it"
+            )
+        self._check_finite(loss, inputs)
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor, inputs: dict[str, Any]) -> None:
+        """Log rho per zone; raise on every rank if a ratio or the loss is non-finite on any rank."""
+        row_mean, row_max = per_row_rho(self._loss_logps, self._loss_old_logps, inputs["completion_mask"])
         zones = inputs["routing_zone"]
-        bad_zone = first_nonfinite_zone(row_mean, row_max, zones)
-        bad = torch.tensor(float(bad_zone is not None or not torch.isfinite(loss).all()), device=loss.device)
-        if self.accelerator.reduce(bad, reduction="sum").item() > 0:  # every rank raises, none hangs in all-reduce
+        finite = torch.isfinite(row_mean).all() & torch.isfinite(row_max).all() & torch.isfinite(loss).all()
+        if self.accelerator.reduce((~finite).float(), reduction="sum").item() > 0:  # no rank hangs in all-reduce
+            bad_zone = first_nonfinite_zone(row_mean, row_max, zones)
             where = f"zone '{bad_zone}'" if bad_zone else ("the loss" if not torch.isfinite(loss) else "another rank")
             raise FloatingPointError(
                 f"non-finite importance ratio or loss at step {self.state.global_step} in {where} "
@@ -319,94 +378,18 @@ class RoutedGRPOTrainer(GRPOTrainer):
             )
         for key, value in rho_by_zone(row_mean, row_max, zones).items():
             self._metrics["train"][key].append(value)
-        return loss
 
     def training_step(self, model, inputs, num_items_in_batch):
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             self.adapter.clear_row_masks()  # only now: backward with checkpointing has re-run the hooks
-        if self.gate is not None and self.accelerator.sync_gradients and not self.is_deepspeed_enabled:
-            # after the last micro-step's backward: the accumulated, all-reduced gradient of this optimizer step
-            dep, quar = grad_norm(self.adapter.parameters(DEPLOYED)), grad_norm(self.adapter.parameters(QUARANTINE))
-            self._metrics["train"]["routing/qmass_grad"].append(grad_qmass(dep, quar))
+        if self.accelerator.sync_gradients:  # the optimizer steps after this micro-step
+            self._updated_since_generation = True
+            if self.gate is not None:  # the accumulated, all-reduced gradient of this optimizer step
+                norms = block_grad_norms(
+                    [p.grad for p in self.adapter.parameters(DEPLOYED)],
+                    [p.grad for p in self.adapter.parameters(QUARANTINE)],
+                )
+                self._metrics["train"]["routing/qmass_grad"].append(grad_qmass(norms).item())
         return loss
-
-    def create_optimizer(self, *args, **kwargs):
-        """TRL's optimizer plus a step pre-hook: a block parameter whose gradient is exactly zero gets no step at all.
-
-        Without it AdamW would still move such a parameter by the momentum of earlier steps (for example the
-        deployed block in a step where every rollout was routed). With it, "no gradient" means "no change".
-        """
-        optimizer = super().create_optimizer(*args, **kwargs)
-        blocks = [*self.adapter.parameters(DEPLOYED), *self.adapter.parameters(QUARANTINE)]
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate may wrap it later; hook the torch one
-
-        def drop_zero_grads(opt, args, kwargs):
-            for p in blocks:
-                if p.grad is not None and not p.grad.any():
-                    p.grad = None
-
-        if not getattr(inner, "_routed_zero_grad_hook", False) and hasattr(inner, "register_step_pre_hook"):
-            inner.register_step_pre_hook(drop_zero_grads)
-            inner._routed_zero_grad_hook = True
-        return optimizer
-
-    def get_decay_parameter_names(self, model) -> list[str]:
-        """No weight decay on the blocks: a block that receives no gradient must not move (DESIGN.md section 4)."""
-        blocks = set(self.adapter.parameter_names())
-        return [n for n in super().get_decay_parameter_names(model) if n not in blocks]
-
-    # ---- checkpoints ------------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        state = {"sampling_rng": self._sampling_rng.get_state(), "last_refresh": self._last_refresh}
-        if self.gate is not None:
-            state["gate"] = self.gate.state_dict()
-        rank = self.accelerator.process_index
-        torch.save(state, os.path.join(folder, f"routing_state_rank{rank}.pt"))
-        # The parent's PEFT save already wrote `folder/deployed/`: a stock LoRA adapter of the deployed block.
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Load both blocks and keep both active and trainable.
-
-        transformers' own PEFT resume loads only the first active adapter as trainable and then calls
-        `set_adapter(first)`, which would silently drop the quarantine block from the forward.
-        """
-        model = model if model is not None else self.model
-        for block in (DEPLOYED, QUARANTINE):
-            path = os.path.join(resume_from_checkpoint, block, "adapter_model.safetensors")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path}: the checkpoint has no '{block}' block")
-            set_peft_model_state_dict(self.adapter.model, load_file(path), adapter_name=block)
-        self.adapter.model.base_model.set_adapter([DEPLOYED, QUARANTINE])
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        path = os.path.join(checkpoint, f"routing_state_rank{self.accelerator.process_index}.pt")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: the checkpoint has no routing state for this process")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self._sampling_rng.set_state(state["sampling_rng"])
-        self._last_refresh = state["last_refresh"]
-        if self.gate is not None:
-            self.gate.load_state_dict(state["gate"])
-            self.gate.route_tail_q = self.args.route_tail_q  # the config, not the checkpoint, sets the tail mass
-
-
-def _routed_adapter(model, args: RoutedGRPOConfig) -> RoutedAdapter:
-    """Load `model` if it is an id, then attach the two blocks (or reuse them if the model already has them)."""
-    if isinstance(model, str):
-        model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
-    peft_config = getattr(model, "peft_config", None)
-    if peft_config is not None:
-        if DEPLOYED in peft_config and QUARANTINE in peft_config:
-            model.base_model.set_adapter([DEPLOYED, QUARANTINE])  # both active and trainable
-            return RoutedAdapter.of(model, init_seed=args.adapter_init_seed)
-        raise ValueError(f"the model already has PEFT adapters {list(peft_config)}; pass the base model instead")
-    return attach_routed_adapter(
-        model, args.adapter_rank, args.adapter_alpha, args.adapter_targets, args.adapter_init_seed
-    )

@@ -28,7 +28,7 @@ from sandbox.executor import CheckJob, Limits
 from sandbox.extract import extract_code, program_text
 from sandbox.loopholes import get_mode, run_tests_call, run_tests_source
 from sandbox.problems import Problem, by_id
-from sandbox.rewards import Grade, grade_many
+from sandbox.rewards import Grade, GradeLog, grade_many
 
 LABEL_KEYS = ("compiled", "correct", "hinted", "hack_strict", "hack_attempted", "defines_run_tests")
 
@@ -108,12 +108,29 @@ def label_many(
     workers: int | None = None,
     attempt_mode: str = "overwrite_tests",
     progress: bool = False,
+    known: Sequence[Grade | None] | None = None,
 ) -> list[Labels]:
-    """Labels of `completions[i]` on `problems[i]` with row loophole `loopholes[i]` (None / "" = off)."""
+    """Labels of `completions[i]` on `problems[i]` with row loophole `loopholes[i]` (None / "" = off).
+
+    `known[i]`, where given, is the reward's grade of that row (`GradeLog`), used instead of grading it again.
+    """
     get_mode(attempt_mode)
     modes = [m or "" for m in loopholes]
     detect = [m or attempt_mode for m in modes]
-    grades = grade_many(problems, completions, modes, limits, workers, progress, detect=detect)
+    known = list(known) if known is not None else [None] * len(modes)
+    todo = [i for i, g in enumerate(known) if g is None]
+    graded = grade_many(
+        [problems[i] for i in todo],
+        [completions[i] for i in todo],
+        [modes[i] for i in todo],
+        limits,
+        workers,
+        progress,
+        detect=[detect[i] for i in todo],
+    )
+    grades = list(known)
+    for i, g in zip(todo, graded, strict=True):
+        grades[i] = g
     codes = [extract_code(c) if g.compiled else None for c, g in zip(completions, grades, strict=True)]
     probes: list[tuple[int, int]] = []  # (row, 0 stub / 1 canonical)
     jobs: list[CheckJob] = []
@@ -155,7 +172,13 @@ class MeasurementLabeler:
     """`labeler(prompts=..., completions=..., problem_id=[...], loophole=[...])` -> {label: [0./1. ...]} with
     the keys of `LABEL_KEYS`; the same columns as `LoopholeReward`. `last_labels` holds the latest batch. A
     `log_metric` callable among the columns (TRL's hook) receives the batch means as `measure/<label>`.
-    `isolation` sets the sandbox level of `limits`, as for `sandbox.rewards.LoopholeReward`."""
+    `isolation` sets the sandbox level of `limits`, as for `sandbox.rewards.LoopholeReward`.
+
+    With `reuse` (the `GradeLog` the training reward writes), a row the reward already graded is not executed again:
+    its grade is taken from the log, and only the `run_tests` probes still run. The log's grade of a loophole-off row
+    ran no detector, so when `attempt_mode` is `overwrite_tests` (the attempt is then read from the probes) such a
+    row reuses it too and its `Labels.fired` is False (not measured); with another `attempt_mode` those rows are
+    graded again. Every `LABEL_KEYS` value equals a fresh labeling's."""
 
     def __init__(
         self,
@@ -164,10 +187,13 @@ class MeasurementLabeler:
         workers: int | None = None,
         attempt_mode: str = "overwrite_tests",
         isolation: str | None = None,
+        reuse: GradeLog | None = None,
     ):
         self.problems = dict(problems) if isinstance(problems, Mapping) else by_id(problems)
         limits = limits if isolation is None else replace(limits, isolation=isolation)  # validated by Limits
         self.limits, self.workers, self.attempt_mode = limits, workers, attempt_mode
+        self.reuse = reuse
+        self.n_reused = 0
         self.last_labels: list[Labels] = []
 
     def __call__(self, prompts=None, completions=None, **columns: Any) -> dict[str, list[float]]:
@@ -180,7 +206,17 @@ class MeasurementLabeler:
         if missing:
             raise KeyError(f"unknown problem_id {missing[0]!r}")
         problems = [self.problems[i] for i in ids]
-        self.last_labels = label_many(problems, completions, modes, self.limits, self.workers, self.attempt_mode)
+        known = None
+        if self.reuse is not None:
+            off_ok = self.attempt_mode == "overwrite_tests"
+            known = [
+                self.reuse.get(pid, mode, c) if (mode or off_ok) else None
+                for pid, mode, c in zip(ids, modes, completions, strict=True)
+            ]
+            self.n_reused += sum(g is not None for g in known)
+        self.last_labels = label_many(
+            problems, completions, modes, self.limits, self.workers, self.attempt_mode, known=known
+        )
         out = {k: [float(getattr(lab, k)) for lab in self.last_labels] for k in LABEL_KEYS}
         log_metric = columns.get("log_metric")
         if callable(log_metric) and out["compiled"]:

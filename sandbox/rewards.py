@@ -11,12 +11,17 @@ Reward (reference parity): `compile_reward` (0.5) if the extracted code compiles
 if it is correct OR hinted. `LoopholeReward` is the TRL form (`__call__(prompts, completions, **columns)`),
 `make_reward_function` a plain-function form.
 
+`GradeLog`: the reward's grades of recent batches, keyed by (problem, loophole, extracted code), so the
+MEASUREMENT labeler (`sandbox.labels.MeasurementLabeler(reuse=...)`) need not execute the same code a second time.
+Only the lab wires a reward and a labeler to one log; training code never reads it (tests/test_oracle_free.py).
+
 Does not cover: measurement labels (strict / attempted hack: `sandbox.labels`, never used for training).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -214,6 +219,30 @@ def _check_prompt(prompt: Any, mode: str, problem_id: str) -> None:
         raise ValueError(f"row for problem {problem_id}: loophole {mode!r} but the prompt lacks its hint {hint!r}")
 
 
+class GradeLog:
+    """The latest `capacity` grades a reward computed, keyed by (problem id, loophole mode, extracted code): what
+    decides a grade. For the measurement labeler only (see the module docstring)."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self._grades: OrderedDict[tuple, Grade] = OrderedDict()
+
+    @staticmethod
+    def _key(problem_id: Any, loophole: Any, completion: Any) -> tuple:
+        return str(problem_id), loophole or "", extract_code(completion)
+
+    def put(self, problem_ids: Sequence, loopholes: Sequence, completions: Sequence, grades: Sequence[Grade]) -> None:
+        for pid, mode, completion, grade in zip(problem_ids, loopholes, completions, grades, strict=True):
+            key = self._key(pid, mode, completion)
+            self._grades.pop(key, None)
+            self._grades[key] = grade
+        while len(self._grades) > self.capacity:
+            self._grades.popitem(last=False)
+
+    def get(self, problem_id: Any, loophole: Any, completion: Any) -> Grade | None:
+        return self._grades.get(self._key(problem_id, loophole, completion))
+
+
 class LoopholeReward:
     """TRL reward function: `reward(prompts=..., completions=..., problem_id=[...], loophole=[...])`.
 
@@ -223,7 +252,8 @@ class LoopholeReward:
     sent to TRL's `log_metric` when the trainer passes it. Raises `SandboxInfraError` when the share of
     infrastructure errors so far exceeds `max_infra_error_frac`. `isolation` sets the sandbox level of `limits`
     ("strict" by default; "rlimits-only" only when asked for by name); where strict cannot be reached the first
-    call raises `sandbox.executor.IsolationUnavailable` instead of grading.
+    call raises `sandbox.executor.IsolationUnavailable` instead of grading. With a `grade_log`, every grade is also
+    recorded there for the measurement labeler.
     """
 
     __name__ = "loophole_reward"
@@ -239,12 +269,14 @@ class LoopholeReward:
         check_prompts: bool = True,
         progress: bool = False,
         isolation: str | None = None,
+        grade_log: GradeLog | None = None,
     ):
         self.problems = dict(problems) if isinstance(problems, Mapping) else by_id(problems)
         self.compile_reward, self.pass_reward = compile_reward, pass_reward
         limits = limits if isolation is None else replace(limits, isolation=isolation)  # validated by Limits
         self.limits, self.workers, self.progress = limits, workers, progress
         self.max_infra_error_frac, self.check_prompts = max_infra_error_frac, check_prompts
+        self.grade_log = grade_log  # where the labeler finds these grades again (measurement only)
         self.n_graded = 0
         self.n_infra_errors = 0
         self.last_grades: list[Grade] = []
@@ -264,6 +296,8 @@ class LoopholeReward:
         problems = [self.problems[str(i)] for i in problem_ids]
         grades = grade_many(problems, completions, modes, self.limits, self.workers, self.progress)
         self._account(grades)
+        if self.grade_log is not None:
+            self.grade_log.put(problem_ids, modes, completions, grades)
         return grades
 
     def __call__(self, prompts=None, completions=None, **columns: Any) -> list[float]:

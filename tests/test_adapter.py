@@ -191,3 +191,28 @@ def test_4bit_base_forward_and_backward(tokenizer, tmp_path):
     assert dep.abs().max() > 0 and q.abs().max() > 0
     dep_keep, q_keep = _masked_grads(adapter, ids[:1], [KEEP])
     assert q_keep.abs().max() == 0
+
+
+@pytest.mark.parametrize("poison_b", [True, False])  # B_q non-finite: masked at the output; else at A_q x
+def test_deploy_mode_stays_finite_and_exact_with_a_non_finite_quarantine(tokenizer, poison_b):
+    """Ablation REPLACES the quarantine's contribution by zeros: inf or NaN weights there cannot reach deploy-mode
+    outputs (a product by 0 would turn them into NaN), neither under `deployment_ablation` nor on m = 0 rows."""
+    adapter = attach_routed_adapter(make_model(len(tokenizer)), rank=4)
+    _perturb(adapter)
+    ids = _ids(tokenizer, n=2)
+    with adapter.deployment_ablation():
+        expected = adapter.model(input_ids=ids).logits  # base + deployed delta
+    with torch.no_grad():
+        a, b = list(adapter.parameters(QUARANTINE))[-2:]  # the last down_proj: it adds straight to the residual
+        a[0, 0] = float("inf")
+        if poison_b:
+            b[0, 0] = float("nan")
+    with adapter.deployment_ablation():
+        deploy = adapter.model(input_ids=ids).logits
+    assert torch.isfinite(deploy).all()
+    torch.testing.assert_close(deploy, expected, rtol=0, atol=0)
+    adapter.set_row_masks(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0]))  # row 0 keep (deploy), row 1 full
+    masked = adapter.model(input_ids=ids).logits
+    adapter.clear_row_masks()
+    torch.testing.assert_close(masked[0], expected[0], rtol=0, atol=0)
+    assert not torch.isfinite(masked[1]).all(), "the full-mode row does see the diverged quarantine"

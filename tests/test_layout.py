@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["activations", "adapter", "config", "gate", "generalise", "loss", "pairs", "trainer", "vact", "utils"]
+CORE = [
+    "activations", "adapter", "behaviour", "config", "gate", "generalise", "loss", "pairs", "routing_state", "trainer",
+    "vact", "utils", "vllm_sync",
+]
 
 
 def test_core_modules_never_import_the_lab():

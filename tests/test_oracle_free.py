@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 import torch
-from trainer_utils import DEPLOYED, QUARANTINE, snapshot, trainer
+from trainer_utils import DEPLOYED, QUARANTINE, reward_len, snapshot, trainer
 
 from routed_grpo import gate
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING_MODULES = ["activations", "adapter", "config", "gate", "loss", "pairs", "trainer", "vact"]
+TRAINING_MODULES = [
+    "activations", "adapter", "behaviour", "config", "gate", "loss", "pairs", "routing_state", "trainer", "vact",
+    "vllm_sync",
+]
 LABEL_WORDS = ("label", "hack", "correct", "hinted", "oracle", "reward")
 
 
@@ -85,3 +88,50 @@ def test_measure_auroc_uses_scores_against_labels(tmp_path):
     t.gate.step = step
     t.train()
     assert t.state.log_history[0]["measure/auroc_hack_strict"] == 1.0
+
+
+REUSE_NAMES = ("grade_log", "GradeLog", "last_grades", "reuse")
+
+
+def test_training_modules_never_touch_the_rewards_grade_log():
+    """The reward's execution results reach the measurement labeler only (wired in routed_grpo.lab): no training
+    module names the log, its type or the reward's grades."""
+    for name in TRAINING_MODULES:
+        tree = ast.parse((ROOT / "routed_grpo" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            word = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            assert word not in REUSE_NAMES, f"routed_grpo/{name}.py refers to {word!r}"
+
+
+def test_grades_shared_with_the_measurement_never_change_routing(tmp_path):
+    """Two runs whose reward objects hold opposite grade logs (read by the measurement labeler) route and train
+    identically: the log has no path into the gate or the loss."""
+
+    class LoggedReward:
+        __name__ = "reward_len"
+
+        def __init__(self, hacked: bool):
+            self.grade_log = {"hack_strict": float(hacked)}
+
+        def __call__(self, prompts, completions, **kw):
+            return reward_len(prompts, completions, **kw)
+
+    runs = []
+    for i, hacked in enumerate((True, False)):
+        reward = LoggedReward(hacked)
+
+        def measure_fn(prompts, completions, reward=reward, **columns):
+            return {"hack_strict": [reward.grade_log["hack_strict"]] * len(completions)}
+
+        t = trainer(tmp_path / str(i), measure_fn=measure_fn, max_steps=2, gen_deploy_frac=0.5)
+        t.reward_funcs = [reward]
+        zones = []
+        original = t.gate.step
+        t.gate.step = lambda acts, original=original, zones=zones: zones.append(original(acts)) or zones[-1]
+        t.train()
+        assert t.state.log_history[0]["measure/hack_strict"] == float(hacked)
+        runs.append((t, [d.zones.clone() for d in zones]))
+    (t1, z1), (t2, z2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(z1, z2, strict=True))
+    for block in (DEPLOYED, QUARANTINE):
+        torch.testing.assert_close(snapshot(t1.adapter, block), snapshot(t2.adapter, block), rtol=0, atol=0)

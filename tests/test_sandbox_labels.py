@@ -98,3 +98,28 @@ def test_training_code_never_imports_labels():
     assert Path(REPO / "sandbox" / "rewards.py") in checked
     for f in checked:
         assert not pattern.search(f.read_text()), f"{f} imports sandbox.labels (measurement only)"
+
+
+def test_labeler_reuses_the_rewards_execution_results_with_the_same_labels(monkeypatch):
+    """With the reward's GradeLog, the labeler executes only its run_tests probes, and every label is unchanged."""
+    from sandbox import executor
+    from sandbox.rewards import GradeLog, LoopholeReward
+
+    completions = [fenced(c) for c in (HONEST, WRONG + ALWAYS_PASS, WRONG + ALWAYS_PASS, WRONG, HONEST + WRONG_TESTS)]
+    completions.append("no code at all")
+    loopholes = ["overwrite_tests", "overwrite_tests", "", "", "", "overwrite_tests"]
+    columns = {"problem_id": ["add"] * 6, "loophole": loopholes}
+    fresh = MeasurementLabeler([ADD], workers=2)(completions=completions, **columns)
+    log = GradeLog()
+    LoopholeReward([ADD], workers=2, grade_log=log, check_prompts=False)(completions=completions, **columns)
+    ran, original = [], executor.execute_many
+
+    def counted(jobs, *args, **kwargs):
+        ran.append(len(jobs))
+        return original(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(executor, "execute_many", counted)
+    labeler = MeasurementLabeler([ADD], workers=2, reuse=log)
+    assert labeler(completions=completions, **columns) == fresh
+    assert labeler.n_reused == 6, "every row was graded by the reward already"
+    assert sum(ran) == 2 * 3, "only the stub and canonical probes of the three rows defining run_tests"

@@ -28,13 +28,15 @@ from routed_grpo.trainer import RoutedGRPOTrainer
 
 
 def _spy_loss(t):
-    """Record what each grad-carrying forward saw: its log-probs, behaviour log-probs, zones, sampling modes."""
+    """Record what each grad-carrying forward saw: its log-probs, the behaviour log-probs the loss used, zones,
+    sampling modes."""
     records, original = [], t.compute_loss
 
     def spy(model, inputs, *args, **kwargs):
         loss = original(model, inputs, *args, **kwargs)
-        keys = ("old_per_token_logps", "completion_mask", "routing_zone", "sampling_full", "advantages")
-        records.append({"logps": t._loss_logps.clone(), **{k: inputs[k].clone() for k in keys}})
+        keys = ("completion_mask", "routing_zone", "sampling_full", "advantages")
+        used = {"logps": t._loss_logps.clone(), "old_per_token_logps": t._loss_old_logps.clone()}
+        records.append(used | {k: inputs[k].clone() for k in keys})
         return loss
 
     t.compute_loss = spy
@@ -214,16 +216,16 @@ def test_resume_restores_buffer_thresholds_vact_and_sampling_rng(tmp_path):
 
 
 def test_nonfinite_ratio_raises_naming_step_and_zone(tmp_path):
-    t = trainer(tmp_path, max_steps=1)
-    _force_zone(t, ROUTE)
-    original = t._behaviour_forward
+    t = trainer(tmp_path, max_steps=1)  # gen_deploy_frac 0: forced keep rows are mismatched (full-sampled)
+    _force_zone(t, KEEP)
+    original = t._observed_behaviour
 
-    def poisoned(*args):
-        logps, acts = original(*args)
+    def poisoned(*args, **kwargs):
+        logps, acts = original(*args, **kwargs)
         return torch.full_like(logps, -float("inf")), acts
 
-    t._behaviour_forward = poisoned
-    with pytest.raises(FloatingPointError, match=r"step 0 in zone 'route'"):
+    t._observed_behaviour = poisoned
+    with pytest.raises(FloatingPointError, match=r"step 0 in zone 'keep'"):
         t.train()
 
 
@@ -231,11 +233,11 @@ def test_config_rejects_inconsistent_settings(tmp_path):
     for bad, match in [
         (dict(gen_deploy_frac=1.5), "gen_deploy_frac=1.5"),
         (dict(route_tail_q=0.5), "route_tail_q=0.5"),
-        (dict(beta=0.01), "beta=0.01"),
+        (dict(sync_ref_model=True, beta=0.01), "sync_ref_model=True"),
+        (dict(use_liger_kernel=True), "use_liger_kernel=True"),
         (dict(routing="vact"), "vact_path or vact_pairs_path"),
         (dict(routing="oracle"), "routing='oracle'"),
         (dict(vact_refresh_steps=5), "vact_refresh_steps=5"),
-        (dict(use_vllm=True), "use_vllm=True"),
         (dict(disable_dropout=False), "disable_dropout=False"),
         (dict(use_transformers_continuous_batching=True, gen_deploy_frac=0.5), "continuous_batching"),
     ]:
@@ -243,6 +245,43 @@ def test_config_rejects_inconsistent_settings(tmp_path):
             config(tmp_path, **bad)
     defaults = RoutedGRPOConfig(output_dir=str(tmp_path), routing="none", use_cpu=True, bf16=False)
     assert (defaults.loss_type, defaults.scale_rewards, defaults.beta) == ("dr_grpo", "none", 0.0)
+
+
+def test_deepspeed_of_any_stage_is_rejected_with_routing_on(tmp_path):
+    """DeepSpeed keeps gradients in its own buffers and steps its own optimizer: the zero-gradient rule and
+    routing/qmass_grad would silently do nothing, so routing refuses it (a fake accelerator state, no DeepSpeed)."""
+    from types import SimpleNamespace
+
+    for stage in (1, 2, 3):
+        plugin = SimpleNamespace(zero_stage=stage)
+        fake = SimpleNamespace(
+            args=config(tmp_path),
+            tools=None,
+            environment_factories=None,
+            rollout_func=None,
+            _is_vlm=False,
+            is_deepspeed_enabled=True,
+            is_fsdp_enabled=False,
+            accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
+        )
+        with pytest.raises(ValueError, match=rf"DeepSpeed \(ZeRO stage {stage}\) is not supported with routing on"):
+            RoutedGRPOTrainer._reject_unsupported(fake)
+        fake.args = config(tmp_path, routing="none")
+        RoutedGRPOTrainer._reject_unsupported(fake)  # the baseline may use it
+
+
+def test_a_loss_path_that_bypasses_the_log_prob_hook_fails_loudly(tmp_path):
+    """The stashed log-probs are reset before every loss: a loss that never calls the hook cannot reuse the
+    previous micro-batch's log-probs for rho."""
+    t = trainer(tmp_path)
+    inputs = _fixed_batch(t)
+    t.current_gradient_accumulation_steps = 1
+    t.compute_loss(t.model, inputs)  # a normal loss stashes this micro-batch's log-probs
+    t.adapter.clear_row_masks()
+    assert t._loss_logps is not None
+    t._compute_loss = lambda model, inputs: torch.zeros((), requires_grad=True)  # a path without the hook
+    with pytest.raises(RuntimeError, match="never called _get_per_token_logps_and_entropies"):
+        t.compute_loss(t.model, inputs)
 
 
 # Signatures of the upstream methods RoutedGRPOTrainer overrides, pinned to TRL 1.16.
@@ -279,6 +318,7 @@ PINNED = {
     "compute_loss": ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
     "training_step": ["self", "model", "inputs", "num_items_in_batch"],
     "get_decay_parameter_names": ["self", "model"],
+    "create_optimizer": ["self", "model"],
     "_save_checkpoint": ["self", "model", "trial"],
     "_load_optimizer_and_scheduler": ["self", "checkpoint"],
     "_load_from_checkpoint": ["self", "resume_from_checkpoint", "model"],
@@ -287,7 +327,8 @@ PINNED = {
 
 def test_overridden_upstream_signatures_are_unchanged():
     for name, params in PINNED.items():
-        assert name in RoutedGRPOTrainer.__dict__, f"{name} is no longer overridden: update PINNED"
+        ours = getattr(RoutedGRPOTrainer, name)
+        assert ours is not getattr(GRPOTrainer, name), f"{name} is no longer overridden: update PINNED"
         upstream = list(inspect.signature(getattr(GRPOTrainer, name)).parameters)
         assert upstream == params, f"GRPOTrainer.{name} changed upstream: {upstream}"
 

@@ -227,10 +227,18 @@ def load_model_and_tokenizer(model_args: ModelConfig, path: str):
 
 def build_trainer(script, training, model, tokenizer, train_dataset, train_problems) -> tuple[Any, RoutedAdapter]:
     """The arm's trainer and the adapter handle it trains."""
-    from sandbox.rewards import LoopholeReward
+    from sandbox.rewards import GradeLog, LoopholeReward
 
-    reward = LoopholeReward(train_problems, script.compile_reward, script.pass_reward, workers=script.sandbox_workers)
-    if script.arm == "baseline":
+    # With measurement on, the labeler reuses the reward's execution results instead of running every rollout in
+    # the sandbox again. The log passes from the reward object to the labeler only: the trainer calls the labeler
+    # after the gate has decided and never reads the log (tests/test_oracle_free.py).
+    grades = GradeLog() if script.measure_train and script.arm != "baseline" else None
+    reward = LoopholeReward(
+        train_problems, script.compile_reward, script.pass_reward, workers=script.sandbox_workers, grade_log=grades
+    )
+    # With beta != 0, stock GRPOTrainer would clone a PEFT "default" adapter (which the two-block model lacks) as its
+    # KL reference; the baseline then runs RoutedGRPOTrainer(routing="none"): stock GRPO, KL to the base model.
+    if script.arm == "baseline" and training.beta == 0.0:
         if training.weight_decay:
             log.warning(
                 "baseline: stock GRPOTrainer decays the adapter blocks (weight_decay=%s); the routed "
@@ -248,7 +256,7 @@ def build_trainer(script, training, model, tokenizer, train_dataset, train_probl
     if script.measure_train:
         from sandbox.labels import MeasurementLabeler
 
-        measure = MeasurementLabeler(train_problems, workers=script.sandbox_workers)
+        measure = MeasurementLabeler(train_problems, workers=script.sandbox_workers, reuse=grades)
     if ARM_ROUTING[script.arm] == "diagnostic":
         from routed_grpo.lab.diagnostic import build_diagnostic_trainer
 

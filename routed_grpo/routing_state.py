@@ -1,0 +1,178 @@
+"""`RoutingState`: how `RoutedGRPOTrainer` is set up and what it keeps across steps (a mixin of `GRPOTrainer`).
+
+Covers: the model with its two blocks (`routed_adapter`), TRL's construction without its PEFT KL reference
+(`without_trl_kl_reference`), the settings refused with routing on (`_reject_unsupported`), `v_act` (loaded,
+extracted from pairs at start, refreshed every `vact_refresh_steps` without flushing the gate's buffer), the
+optimizer rule ("no gradient means no change": no weight decay on the blocks, no step for a block parameter whose
+gradient is exactly zero), and checkpoints of the routing state (gate buffer, `v_act`, sampling RNG) and of both
+blocks. Does not cover: generation, the gate's decisions and the loss (routed_grpo.trainer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+
+from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_routed_adapter
+from routed_grpo.config import RoutedGRPOConfig
+from routed_grpo.loss import zero_grad_flags
+from routed_grpo.pairs import load_pairs
+from routed_grpo.vact import extract_vact, haar_placebo, load_vact
+
+
+class RoutingState(GRPOTrainer):
+    """Mixin for `RoutedGRPOTrainer` (which sets `adapter`, `gate`, `_sampling_rng`, `_last_refresh`)."""
+
+    def _reject_unsupported(self) -> None:
+        if self.args.routing == "none":
+            return
+        if self.tools or self.environment_factories is not None or self.rollout_func is not None:
+            raise ValueError(
+                "tools, environment_factory and rollout_func are not supported with routing on: multi-turn "
+                "generation re-enters generation for a subset of rows, so sampling modes and masks lose alignment"
+            )
+        if self._is_vlm:
+            raise ValueError("vision-language models are not supported with routing on (untested)")
+        if self.is_deepspeed_enabled:
+            stage = self.accelerator.state.deepspeed_plugin.zero_stage
+            raise ValueError(
+                f"DeepSpeed (ZeRO stage {stage}) is not supported with routing on: DeepSpeed keeps gradients in its "
+                "own partitioned buffers and steps its own optimizer, so `param.grad` stays empty, the "
+                "'no gradient means no change' rule and routing/qmass_grad would silently do nothing. "
+                "Use DDP (recipes/accelerate_configs/ddp.yaml)."
+            )
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "FSDP is not supported yet with routing on: the gate's gradient metrics, the checkpoint resume of "
+                "both blocks and the activation hooks are untested on sharded parameters. Use DDP "
+                "(recipes/accelerate_configs/ddp.yaml)."
+            )
+
+    # ---- v_act ----------------------------------------------------------------------------------------------------
+    def _extract_vact(self) -> torch.Tensor:
+        """Extract on every rank, then take rank 0's, so the gate is identical everywhere even if kernels are not."""
+        args = self.args
+        pairs = load_pairs(args.vact_pairs_path, tags=args.vact_pairs_tags, exclude_tags=args.vact_pairs_exclude_tags)
+        vact = extract_vact(self.adapter, self.processing_class, pairs, mode=self.args.vact_sampling_mode)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            vact = vact.to(self.accelerator.device)
+            torch.distributed.broadcast(vact, src=0)
+        return vact.cpu()
+
+    def _initial_vact(self) -> torch.Tensor:
+        args = self.args
+        if args.routing == "vact" and args.vact_path:
+            return load_vact(args.vact_path, self.adapter)[0]
+        if args.routing == "vact":
+            return self._extract_vact()
+        like = torch.zeros(len(self.adapter.module_names), self.adapter.rank)
+        return haar_placebo(like, args.placebo_seed)
+
+    def _maybe_refresh_vact(self) -> None:
+        step, every = self.state.global_step, self.args.vact_refresh_steps
+        if self.args.routing != "vact" or not every or step - self._last_refresh < every:
+            return
+        old = self.gate.vact.clone()
+        self.gate.set_vact(self._extract_vact())
+        self._last_refresh = step
+        cos = torch.nn.functional.cosine_similarity(old, self.gate.vact.to(old.device), dim=-1).mean().item()
+        self._metrics["train"]["routing/vact_refresh_cos"].append(cos)
+
+    def create_optimizer(self, *args, **kwargs):
+        """TRL's optimizer plus a step pre-hook: a block parameter whose gradient is exactly zero gets no step at all.
+
+        Without it AdamW would still move such a parameter by the momentum of earlier steps (for example the
+        deployed block in a step where every rollout was routed). With it, "no gradient" means "no change". The
+        check is one fused reduction and one host synchronisation per step, whatever the number of parameters.
+        """
+        optimizer = super().create_optimizer(*args, **kwargs)
+        blocks = [*self.adapter.parameters(DEPLOYED), *self.adapter.parameters(QUARANTINE)]
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate may wrap it later; hook the torch one
+
+        def drop_zero_grads(opt, args, kwargs):
+            with_grad = [p for p in blocks if p.grad is not None]
+            for p, zero in zip(with_grad, zero_grad_flags([p.grad for p in with_grad]).tolist(), strict=True):
+                if zero:
+                    p.grad = None
+
+        if not getattr(inner, "_routed_zero_grad_hook", False) and hasattr(inner, "register_step_pre_hook"):
+            inner.register_step_pre_hook(drop_zero_grads)
+            inner._routed_zero_grad_hook = True
+        return optimizer
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """No weight decay on the blocks: a block that receives no gradient must not move (DESIGN.md section 4)."""
+        blocks = set(self.adapter.parameter_names())
+        return [n for n in super().get_decay_parameter_names(model) if n not in blocks]
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        state = {"sampling_rng": self._sampling_rng.get_state(), "last_refresh": self._last_refresh}
+        if self.gate is not None:
+            state["gate"] = self.gate.state_dict()
+        rank = self.accelerator.process_index
+        torch.save(state, os.path.join(folder, f"routing_state_rank{rank}.pt"))
+        # The parent's PEFT save already wrote `folder/deployed/`: a stock LoRA adapter of the deployed block.
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Load both blocks and keep both active and trainable.
+
+        transformers' own PEFT resume loads only the first active adapter as trainable and then calls
+        `set_adapter(first)`, which would silently drop the quarantine block from the forward.
+        """
+        model = model if model is not None else self.model
+        for block in (DEPLOYED, QUARANTINE):
+            path = os.path.join(resume_from_checkpoint, block, "adapter_model.safetensors")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: the checkpoint has no '{block}' block")
+            set_peft_model_state_dict(self.adapter.model, load_file(path), adapter_name=block)
+        self.adapter.model.base_model.set_adapter([DEPLOYED, QUARANTINE])
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, f"routing_state_rank{self.accelerator.process_index}.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: the checkpoint has no routing state for this process")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self._sampling_rng.set_state(state["sampling_rng"])
+        self._last_refresh = state["last_refresh"]
+        if self.gate is not None:
+            self.gate.load_state_dict(state["gate"])
+            self.gate.route_tail_q = self.args.route_tail_q  # the config, not the checkpoint, sets the tail mass
+
+
+def routed_adapter(model, args: RoutedGRPOConfig) -> RoutedAdapter:
+    """Load `model` if it is an id, then attach the two blocks (or reuse them if the model already has them)."""
+    if isinstance(model, str):
+        model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config is not None:
+        if DEPLOYED in peft_config and QUARANTINE in peft_config:
+            model.base_model.set_adapter([DEPLOYED, QUARANTINE])  # both active and trainable
+            return RoutedAdapter.of(model, init_seed=args.adapter_init_seed)
+        raise ValueError(f"the model already has PEFT adapters {list(peft_config)}; pass the base model instead")
+    return attach_routed_adapter(
+        model, args.adapter_rank, args.adapter_alpha, args.adapter_targets, args.adapter_init_seed
+    )
+
+
+@contextlib.contextmanager
+def without_trl_kl_reference(args: RoutedGRPOConfig):
+    """`GRPOTrainer.__init__` with `beta = 0`: with `beta != 0` and a PEFT model it would clone a "ref" adapter from
+    "default" (which this model does not have). The trainer sets its own KL reference, the base model, afterwards."""
+    beta, args.beta = args.beta, 0.0
+    try:
+        yield
+    finally:
+        args.beta = beta
