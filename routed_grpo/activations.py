@@ -183,8 +183,12 @@ def _pair_batch(adapter: RoutedAdapter, decoder, rows, mode: str, pad: int) -> T
     for i, (r, k) in enumerate(zip(rows, shared_c, strict=True)):
         pool2[i, len(r[0]) - k0 : len(r[0]) - k0 + k] = 1  # the completions' shared start
     ones = torch.ones((len(rows), k0), dtype=torch.long, device=device)
-    inputs = {"input_ids": ids2, "attention_mask": torch.cat([ones, mask2], 1), "use_cache": True,
-              "position_ids": k0 + torch.arange(ids2.shape[1], device=device)[None].expand(len(rows), -1)}
+    inputs = {
+        "input_ids": ids2,
+        "attention_mask": torch.cat([ones, mask2], 1),
+        "use_cache": True,
+        "position_ids": k0 + torch.arange(ids2.shape[1], device=device)[None].expand(len(rows), -1),
+    }
     with adapter.sampling_mode(mode), adapter.capture(pool2):  # the whole decoder: pass 3 needs every layer's cache
         decoder(**inputs, **{cache_kw: cache})
     pooled2 = adapter.pooled().float().cpu().repeat_interleave(2, dim=0)  # (2b, M, r)
@@ -192,8 +196,12 @@ def _pair_batch(adapter: RoutedAdapter, decoder, rows, mode: str, pad: int) -> T
     ids3, mask3 = _right_pad(part3, pad, device)  # (2b, C)
     start = (k0 + mask2.sum(1)).repeat_interleave(2)[:, None]  # (2b, 1): each completion continues its own prefix
     attention = torch.cat([ones, mask2], 1).repeat_interleave(2, dim=0)
-    inputs = {"input_ids": ids3, "attention_mask": torch.cat([attention, mask3], 1), "use_cache": True,
-              "position_ids": start + torch.arange(ids3.shape[1], device=device)}
+    inputs = {
+        "input_ids": ids3,
+        "attention_mask": torch.cat([attention, mask3], 1),
+        "use_cache": True,
+        "position_ids": start + torch.arange(ids3.shape[1], device=device),
+    }
     pooled3 = _captured(adapter, decoder, mode, mask3, **inputs, **{cache_kw: cache})  # (2b, M, r)
     n2 = torch.tensor(shared_c, dtype=torch.float32).repeat_interleave(2)[:, None, None]  # (2b, 1, 1)
     n3 = mask3.sum(1).float().cpu()[:, None, None]
@@ -253,11 +261,13 @@ class PairActivations:
 
     def __post_init__(self) -> None:
         if self.hack.shape != self.clean.shape or self.hack.dim() != 3:
-            raise ActivationsError(f"hack and clean must be equal (P, M, r); got {tuple(self.hack.shape)} and "
-                                   f"{tuple(self.clean.shape)}")
+            raise ActivationsError(
+                f"hack and clean must be equal (P, M, r); got {tuple(self.hack.shape)} and {tuple(self.clean.shape)}"
+            )
         if not (len(self.pair_ids) == len(self.tags) == self.hack.shape[0]):
-            raise ActivationsError(f"{self.hack.shape[0]} rows but {len(self.pair_ids)} pair ids and "
-                                   f"{len(self.tags)} tag lists")
+            raise ActivationsError(
+                f"{self.hack.shape[0]} rows but {len(self.pair_ids)} pair ids and {len(self.tags)} tag lists"
+            )
 
     def select(self, ids: Sequence[str], source: str = "the cache") -> PairActivations:
         """The rows of these pair ids, in this order; names the first id the cache lacks."""
@@ -269,25 +279,33 @@ class PairActivations:
                 f"{missing[0]!r}; rebuild it with `routed-grpo pairs activations`"
             )
         rows = torch.tensor([index[pid] for pid in ids], dtype=torch.long)
-        return PairActivations(self.hack[rows], self.clean[rows], list(ids), [self.tags[index[p]] for p in ids],
-                               dict(self.metadata))
+        return PairActivations(
+            self.hack[rows], self.clean[rows], list(ids), [self.tags[index[p]] for p in ids], dict(self.metadata)
+        )
 
     def filter(self, tags: Sequence[str] | None, exclude_tags: Sequence[str] | None) -> PairActivations:
         """Pairs with ANY of `tags` (None = all), then without any of `exclude_tags` (as `pairs.load_pairs`)."""
         keep, drop = set(tags or ()), set(exclude_tags or ())
-        ids = [pid for pid, t in zip(self.pair_ids, self.tags, strict=True)
-               if (not keep or keep & set(t)) and not (drop & set(t))]
+        ids = [
+            pid
+            for pid, t in zip(self.pair_ids, self.tags, strict=True)
+            if (not keep or keep & set(t)) and not (drop & set(t))
+        ]
         if not ids:
-            raise ActivationsError(f"tag filter tags={sorted(keep)} exclude_tags={sorted(drop)} leaves 0 of "
-                                   f"{len(self.pair_ids)} cached pairs")
+            raise ActivationsError(
+                f"tag filter tags={sorted(keep)} exclude_tags={sorted(drop)} leaves 0 of "
+                f"{len(self.pair_ids)} cached pairs"
+            )
         return self.select(ids)
 
 
 def save_pair_activations(path: str | Path, acts: PairActivations) -> Path:
     """Write the cache atomically: tensors `hack`, `clean`; JSON metadata including `pair_ids` and `tags`."""
     meta = {**acts.metadata, "kind": ACTS_KIND, "format": ACTS_FORMAT, "pair_ids": acts.pair_ids, "tags": acts.tags}
-    tensors = {"hack": acts.hack.detach().float().cpu().contiguous(),
-               "clean": acts.clean.detach().float().cpu().contiguous()}
+    tensors = {
+        "hack": acts.hack.detach().float().cpu().contiguous(),
+        "clean": acts.clean.detach().float().cpu().contiguous(),
+    }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={str(k): json.dumps(v) for k, v in meta.items()})
     return Path(path)
@@ -309,8 +327,10 @@ def load_pair_activations(path: str | Path) -> PairActivations:
         except json.JSONDecodeError:
             meta[key] = value
     if meta.get("kind") != ACTS_KIND:
-        raise ActivationsError(f"{path}: field 'kind' is {meta.get('kind')!r}, not {ACTS_KIND!r} "
-                               "(write the cache with `routed-grpo pairs activations`)")
+        raise ActivationsError(
+            f"{path}: field 'kind' is {meta.get('kind')!r}, not {ACTS_KIND!r} "
+            "(write the cache with `routed-grpo pairs activations`)"
+        )
     if meta.get("format") != ACTS_FORMAT:
         raise ActivationsError(f"{path}: field 'format' is {meta.get('format')!r}; this version reads {ACTS_FORMAT}")
     for name in ("hack", "clean"):

@@ -255,8 +255,12 @@ class Gate:
         return GateDecision(scores, zones, m, d, lo, hi, len(self.buffer), zone_fractions(global_zones), warm)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"vact": self.vact.clone(), "route_tail_q": self.route_tail_q, "buffer": self.buffer.state_dict(),
-                "seen": self.seen}
+        return {
+            "vact": self.vact.clone(),
+            "route_tail_q": self.route_tail_q,
+            "buffer": self.buffer.state_dict(),
+            "seen": self.seen,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.set_vact(state["vact"])

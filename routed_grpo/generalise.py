@@ -130,8 +130,17 @@ def _null_aurocs(directions: Tensor, hack: Tensor, clean: Tensor, flip: Tensor |
     return auroc_rows(s_hack, s_clean)
 
 
-def _fold(name: str, hack: Tensor, clean: Tensor, train: Tensor, test: Tensor, v_all: Tensor, haar: Tensor,
-          n_perm: int, seed: int) -> Fold:
+def _fold(
+    name: str,
+    hack: Tensor,
+    clean: Tensor,
+    train: Tensor,
+    test: Tensor,
+    v_all: Tensor,
+    haar: Tensor,
+    n_perm: int,
+    seed: int,
+) -> Fold:
     """train, test: (P,) bool. Fits on train, scores test, and draws the permutation null for this fold."""
     v = unit_mean_difference(hack[train], clean[train])  # (M, r)
     s_hack, s_clean = score(hack[test], v), score(clean[test], v)  # (n,)
@@ -168,21 +177,34 @@ def _mean_fold(folds: list[Fold]) -> Fold:
     )
 
 
-def leave_one_tag_out(hack: Tensor, clean: Tensor, tags: Sequence[Sequence[str]], by: str = "mode",
-                      n_haar: int = 1000, n_perm: int = 1000, seed: int = 0) -> GeneraliseReport:
+def leave_one_tag_out(
+    hack: Tensor,
+    clean: Tensor,
+    tags: Sequence[Sequence[str]],
+    by: str = "mode",
+    n_haar: int = 1000,
+    n_perm: int = 1000,
+    seed: int = 0,
+) -> GeneraliseReport:
     """hack, clean: (P, M, r) pooled activations; tags: the P pairs' tag lists. See the module docstring."""
     if hack.shape != clean.shape or hack.dim() != 3 or hack.shape[0] != len(tags):
-        raise GeneraliseError(f"need hack and clean (P, M, r) for {len(tags)} pairs; got {tuple(hack.shape)} and "
-                              f"{tuple(clean.shape)}")
+        raise GeneraliseError(
+            f"need hack and clean (P, M, r) for {len(tags)} pairs; got {tuple(hack.shape)} and {tuple(clean.shape)}"
+        )
     if n_haar < 1 or n_perm < 1:
         raise GeneraliseError(f"n_haar and n_perm must be >= 1; got {n_haar} and {n_perm}")
     groups = tag_groups(tags, by)
     if len(groups) < 2:
         others = {k: n for k, n in tag_keys(tags).items() if n >= 2 and k != by}
-        hint = f"; keys with 2 or more values here: {', '.join(f'{k} ({n})' for k, n in others.items())}" if others \
+        hint = (
+            f"; keys with 2 or more values here: {', '.join(f'{k} ({n})' for k, n in others.items())}"
+            if others
             else "; no tag key here has 2 or more values"
-        raise GeneraliseError(f"leave-one-out by {by!r} needs at least 2 values of the tag {by}:<value>; the "
-                              f"{len(tags)} pairs have {len(groups)} ({', '.join(groups) or 'none'}){hint}")
+        )
+        raise GeneraliseError(
+            f"leave-one-out by {by!r} needs at least 2 values of the tag {by}:<value>; the "
+            f"{len(tags)} pairs have {len(groups)} ({', '.join(groups) or 'none'}){hint}"
+        )
     v_all = unit_mean_difference(hack, clean)
     gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:haar".encode()))
     haar = _unit_rows(torch.randn((n_haar, *hack.shape[1:]), generator=gen, dtype=torch.float64))  # (N, M, r)
@@ -202,34 +224,64 @@ def leave_one_tag_out(hack: Tensor, clean: Tensor, tags: Sequence[Sequence[str]]
 # ---- output ------------------------------------------------------------------------------------------------------
 def _summary(null: Tensor) -> dict[str, float]:
     q = torch.quantile(null.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
-    return {"mean": round(float(null.double().mean()), 4), "q05": round(q[0], 4), "median": round(q[1], 4),
-            "q95": round(q[2], 4), "max": round(float(null.max()), 4)}
+    return {
+        "mean": round(float(null.double().mean()), 4),
+        "q05": round(q[0], 4),
+        "median": round(q[1], 4),
+        "q95": round(q[2], 4),
+        "max": round(float(null.max()), 4),
+    }
 
 
 def report_json(report: GeneraliseReport, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Plain JSON data: settings, then per fold the figures, the p-values and a summary of each null."""
-    folds = [{"held_out": f.name, "n_test": f.n_test, "n_train": f.n_train, "auroc": round(f.auroc, 4),
-              "ranked": round(f.ranked, 4), "cos_all": round(f.cos_all, 4), "haar_p": round(f.haar_p, 4),
-              "perm_p": round(f.perm_p, 4), "haar_null": _summary(f.haar_null), "perm_null": _summary(f.perm_null)}
-             for f in report.folds]
-    return {"by": report.by, "n_pairs": report.n_pairs, "n_untagged": report.n_untagged, "n_haar": report.n_haar,
-            "n_perm": report.n_perm, "seed": report.seed, **(extra or {}), "folds": folds}
+    folds = [
+        {
+            "held_out": f.name,
+            "n_test": f.n_test,
+            "n_train": f.n_train,
+            "auroc": round(f.auroc, 4),
+            "ranked": round(f.ranked, 4),
+            "cos_all": round(f.cos_all, 4),
+            "haar_p": round(f.haar_p, 4),
+            "perm_p": round(f.perm_p, 4),
+            "haar_null": _summary(f.haar_null),
+            "perm_null": _summary(f.perm_null),
+        }
+        for f in report.folds
+    ]
+    return {
+        "by": report.by,
+        "n_pairs": report.n_pairs,
+        "n_untagged": report.n_untagged,
+        "n_haar": report.n_haar,
+        "n_perm": report.n_perm,
+        "seed": report.seed,
+        **(extra or {}),
+        "folds": folds,
+    }
 
 
 def report_markdown(report: GeneraliseReport, title: str = "") -> str:
     """A Markdown table, one row per fold (held-out values first, then the held-out mean and in-sample rows)."""
-    head = (f"| held out ({report.by}) | n | AUROC | ranked | cos(all) | Haar null mean [q95] | p Haar "
-            "| perm null mean [q95] | p perm |")
+    head = (
+        f"| held out ({report.by}) | n | AUROC | ranked | cos(all) | Haar null mean [q95] | p Haar "
+        "| perm null mean [q95] | p perm |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in report.folds:
         h, p = _summary(f.haar_null), _summary(f.perm_null)
-        lines.append(f"| {f.name} | {f.n_test} | {f.auroc:.3f} | {f.ranked:.2f} | {f.cos_all:.3f} | "
-                     f"{h['mean']:.3f} [{h['q95']:.3f}] | {f.haar_p:.3f} | {p['mean']:.3f} [{p['q95']:.3f}] | "
-                     f"{f.perm_p:.3f} |")
-    notes = (f"\n{report.n_pairs} pairs; AUROC of held-out hack vs clean scores under the direction fit on the "
-             f"other pairs; ranked = share of held-out pairs with hack > clean; p = (1 + #null >= AUROC) / (N + 1) "
-             f"with N = {report.n_haar} Haar-random directions and N = {report.n_perm} label permutations "
-             f"(seed {report.seed}).")
+        lines.append(
+            f"| {f.name} | {f.n_test} | {f.auroc:.3f} | {f.ranked:.2f} | {f.cos_all:.3f} | "
+            f"{h['mean']:.3f} [{h['q95']:.3f}] | {f.haar_p:.3f} | {p['mean']:.3f} [{p['q95']:.3f}] | "
+            f"{f.perm_p:.3f} |"
+        )
+    notes = (
+        f"\n{report.n_pairs} pairs; AUROC of held-out hack vs clean scores under the direction fit on the "
+        f"other pairs; ranked = share of held-out pairs with hack > clean; p = (1 + #null >= AUROC) / (N + 1) "
+        f"with N = {report.n_haar} Haar-random directions and N = {report.n_perm} label permutations "
+        f"(seed {report.seed})."
+    )
     if report.n_untagged:
         notes += f" {report.n_untagged} pairs have no {report.by}: tag and are never held out."
     return (f"{title}\n\n" if title else "") + "\n".join(lines) + "\n" + notes + "\n"

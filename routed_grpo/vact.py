@@ -77,8 +77,15 @@ def extract_vact(
     return unit_mean_difference(h_hack, h_clean, adapter.module_names)
 
 
-ADAPTER_FIELDS = ("adapter_rank", "adapter_alpha", "adapter_targets", "init_seed", "module_names",
-                  "adapter_fingerprint", "adapter_fingerprint_parts")
+ADAPTER_FIELDS = (
+    "adapter_rank",
+    "adapter_alpha",
+    "adapter_targets",
+    "init_seed",
+    "module_names",
+    "adapter_fingerprint",
+    "adapter_fingerprint_parts",
+)
 
 
 def adapter_metadata(adapter: RoutedAdapter) -> dict[str, Any]:
@@ -139,8 +146,13 @@ def _decode(value: str) -> Any:
         return value
 
 
-def check_vact_matches(vact: Tensor, metadata: dict[str, Any], adapter: RoutedAdapter | dict[str, Any],
-                       source: str = "v_act", against: str = "the adapter") -> None:
+def check_vact_matches(
+    vact: Tensor,
+    metadata: dict[str, Any],
+    adapter: RoutedAdapter | dict[str, Any],
+    source: str = "v_act",
+    against: str = "the adapter",
+) -> None:
     """Raise VactError naming the first module whose name or shape differs, or the fingerprint parts that differ.
 
     `adapter` is a RoutedAdapter or the metadata of another file made with one (a pair-activations cache)."""
@@ -189,8 +201,9 @@ def describe_mismatch(stored: dict[str, Any], current: dict[str, Any], differ: S
     return "; ".join(out)
 
 
-def check_fingerprint(metadata: dict[str, Any], adapter: RoutedAdapter | dict[str, Any], source: str,
-                      against: str = "the adapter") -> None:
+def check_fingerprint(
+    metadata: dict[str, Any], adapter: RoutedAdapter | dict[str, Any], source: str, against: str = "the adapter"
+) -> None:
     """Raise VactError naming each fingerprint part (seed, rank, targets, module shapes, base weights) in which
     the file's adapter differs from `adapter` (a RoutedAdapter or another file's metadata). The dtype and device
     the weights are loaded in do not count. A file without fingerprint parts (routed-grpo <= 0.1) is accepted only

@@ -40,9 +40,14 @@ class JobCgroup:
         if "memory" in mounts and "pids" in mounts:
             for ctl in ("memory", "pids"):
                 cg.dirs[ctl] = _make_cgroup(mounts[ctl], name)
-            files = {"limit": ("memory", "memory.limit_in_bytes"), "pids": ("pids", "pids.max"),
-                     "tasks": ("pids", "pids.current"), "usage": ("memory", "memory.usage_in_bytes"),
-                     "events": ("memory", "memory.oom_control"), "memsw": ("memory", "memory.memsw.limit_in_bytes")}
+            files = {
+                "limit": ("memory", "memory.limit_in_bytes"),
+                "pids": ("pids", "pids.max"),
+                "tasks": ("pids", "pids.current"),
+                "usage": ("memory", "memory.usage_in_bytes"),
+                "events": ("memory", "memory.oom_control"),
+                "memsw": ("memory", "memory.memsw.limit_in_bytes"),
+            }
         elif "" in mounts and {"memory", "pids"} <= _v2_controllers(mounts[""]):
             cg.v2 = True
             base = os.path.join(mounts[""], CGROUP_NAME)
@@ -50,10 +55,14 @@ class JobCgroup:
             _write(os.path.join(mounts[""], "cgroup.subtree_control"), "+memory +pids", missing_ok=True)
             _write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids")
             cg.dirs["memory"] = cg.dirs["pids"] = _make_cgroup(mounts[""], name)
-            files = {"limit": ("memory", "memory.max"), "pids": ("pids", "pids.max"),
-                     "tasks": ("pids", "pids.current"), "events": ("memory", "memory.events"),
-                     "usage": ("memory", "memory.current"),
-                     "swap": ("memory", "memory.swap.max")}
+            files = {
+                "limit": ("memory", "memory.max"),
+                "pids": ("pids", "pids.max"),
+                "tasks": ("pids", "pids.current"),
+                "events": ("memory", "memory.events"),
+                "usage": ("memory", "memory.current"),
+                "swap": ("memory", "memory.swap.max"),
+            }
         else:
             raise OSError("no writable memory and pids cgroup controllers (cgroup v1 hierarchies or v2)")
         for key, (ctl, fname) in files.items():
@@ -64,8 +73,9 @@ class JobCgroup:
             cg._fds[key] = os.open(path, (os.O_RDONLY if readonly else os.O_WRONLY) | os.O_CLOEXEC)
         for d in sorted(set(cg.dirs.values())):
             cg.procs_fds.append(os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC))
-            cg._parents.append((os.open(os.path.dirname(d), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC),
-                                os.path.basename(d)))
+            cg._parents.append(
+                (os.open(os.path.dirname(d), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), os.path.basename(d))
+            )
         for home in _home_cgroups(mounts, cg.v2):
             cg._home_fds.append(os.open(os.path.join(home, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC))
         return cg
@@ -149,7 +159,7 @@ def _home_cgroups(mounts: dict[str, str], v2: bool) -> list[str]:
     with open("/proc/self/cgroup") as f:
         for line in f:
             _, names, path = line.rstrip("\n").split(":", 2)
-            for ctl in ([""] if v2 else ["memory", "pids"]):
+            for ctl in [""] if v2 else ["memory", "pids"]:
                 if (names == "" if v2 else ctl in names.split(",")) and ctl in mounts:
                     out.append(os.path.join(mounts[ctl], path.lstrip("/")))
     return out

@@ -231,9 +231,13 @@ def _child_setup(job: dict, fds: list[int], workdir: str, ctx: JobContext, repor
     lim = job["limits"]
     cpu = int(math.ceil(lim["timeout_s"])) + 1  # a second line of defence: the zygote enforces job CPU time
     mb = 1 << 20
-    rl = [(resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, lim["memory_mb"] * mb, lim["memory_mb"] * mb),
-          (resource.RLIMIT_FSIZE, lim["max_file_mb"] * mb, lim["max_file_mb"] * mb), (resource.RLIMIT_CORE, 0, 0),
-          (resource.RLIMIT_NOFILE, lim["max_open_files"], lim["max_open_files"])]
+    rl = [
+        (resource.RLIMIT_CPU, cpu, cpu + 1),
+        (resource.RLIMIT_AS, lim["memory_mb"] * mb, lim["memory_mb"] * mb),
+        (resource.RLIMIT_FSIZE, lim["max_file_mb"] * mb, lim["max_file_mb"] * mb),
+        (resource.RLIMIT_CORE, 0, 0),
+        (resource.RLIMIT_NOFILE, lim["max_open_files"], lim["max_open_files"]),
+    ]
     if ctx.nproc_extra is not None:
         nproc = lim["max_procs"] + ctx.nproc_extra
         rl.append((resource.RLIMIT_NPROC, nproc, nproc))

@@ -52,8 +52,10 @@ def mount(src: str | None, target: str | None, fstype: str | None, flags: int, d
 
 
 def prctl(option: int, arg: int = 0) -> None:
-    _check(LIBC.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)),
-           f"prctl({option})")
+    _check(
+        LIBC.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)),
+        f"prctl({option})",
+    )
 
 
 # ------------------------------------------------------------------------------------------ namespaces
@@ -239,8 +241,12 @@ def build_root(plan: RootPlan) -> None:
     for dev in plan.devices:
         _make_mountpoint(STAGE + dev, False)
         mount(f"/proc/self/fd/{plan.fds[dev]}", STAGE + dev, None, MS_BIND)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                         ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"{STAGE}/dev/{name}")
     for d in ("proc", "tmp", ".oldroot"):
         os.makedirs(f"{STAGE}/{d}", 0o755, exist_ok=True)

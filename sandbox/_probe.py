@@ -120,8 +120,12 @@ def _check_process(expect: dict) -> dict:
     got = {}
     lim = expect["limits"]
     mb = 1 << 20
-    want = {resource.RLIMIT_AS: lim["memory_mb"] * mb, resource.RLIMIT_NOFILE: lim["max_open_files"],
-            resource.RLIMIT_FSIZE: lim["max_file_mb"] * mb, resource.RLIMIT_CORE: 0}
+    want = {
+        resource.RLIMIT_AS: lim["memory_mb"] * mb,
+        resource.RLIMIT_NOFILE: lim["max_open_files"],
+        resource.RLIMIT_FSIZE: lim["max_file_mb"] * mb,
+        resource.RLIMIT_CORE: 0,
+    }
     if expect["nproc"] is not None:
         want[resource.RLIMIT_NPROC] = lim["max_procs"] + expect["nproc"]
     bad = {k: resource.getrlimit(k) for k, v in want.items() if resource.getrlimit(k) != (v, v)}

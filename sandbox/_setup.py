@@ -23,11 +23,32 @@ import _isolation
 import _seccomp
 
 COMMON = ("process_group", "rlimits", "scrubbed_env", "fresh_workdir", "stdin_closed")
-STRICT = ("no_new_privs", "seccomp", "minimal_root", "readonly_root", "pid_namespace", "net_namespace",
-          "ipc_namespace")
+STRICT = (
+    "no_new_privs",
+    "seccomp",
+    "minimal_root",
+    "readonly_root",
+    "pid_namespace",
+    "net_namespace",
+    "ipc_namespace",
+)
 BY_CONSTRUCTION = ("job_cpu_time", "output_cap")  # enforced by the zygote's and the parent's own code
-HOST_PATHS = ("/home", "/root", "/var", "/srv", "/mnt", "/run", "/opt", "/media", "/boot", "/dev/shm", "/etc/passwd",
-              "/sys", "/usr/bin", "/usr/share")
+HOST_PATHS = (
+    "/home",
+    "/root",
+    "/var",
+    "/srv",
+    "/mnt",
+    "/run",
+    "/opt",
+    "/media",
+    "/boot",
+    "/dev/shm",
+    "/etc/passwd",
+    "/sys",
+    "/usr/bin",
+    "/usr/share",
+)
 
 
 def required(level: str, root_user: bool) -> tuple[str, ...]:
@@ -89,8 +110,9 @@ def _strict(server, config: dict, root_user: bool) -> dict:
     """Namespaces, cgroup, seccomp, minimal root, PID namespace. Returns what the probe should expect."""
     if root_user:
         server.cgroup = _step("cgroup (memory and pids controllers)", _cgroup.JobCgroup.create)
-    pyseccomp = _step("seccomp (pyseccomp and libseccomp)", _load_pyseccomp, config.get("pyseccomp"),
-                      config.get("libraries", {}))
+    pyseccomp = _step(
+        "seccomp (pyseccomp and libseccomp)", _load_pyseccomp, config.get("pyseccomp"), config.get("libraries", {})
+    )
     bpf, skipped = _step("seccomp filter", _seccomp.build_bpf, pyseccomp)
     with open("/proc/self/maps") as f:
         maps = f.read()
@@ -118,9 +140,17 @@ def _strict(server, config: dict, root_user: bool) -> dict:
     if server.cgroup is not None:
         rel = f"/{_cgroup.CGROUP_NAME}/z{os.getpid()}"
         cgroups = [["", rel]] if server.cgroup.v2 else [["memory", rel], ["pids", rel]]
-    return {"strict": True, "uid": ctx.uid, "skipped_syscalls": skipped, "absent": absent, "top_level": sorted(tops),
-            "mount_points": ["/", "/proc", "/tmp", *bound], "writable_mounts": ["/proc", "/tmp", *plan.devices],
-            "cgroups": cgroups, "nproc": ctx.nproc_extra}
+    return {
+        "strict": True,
+        "uid": ctx.uid,
+        "skipped_syscalls": skipped,
+        "absent": absent,
+        "top_level": sorted(tops),
+        "mount_points": ["/", "/proc", "/tmp", *bound],
+        "writable_mounts": ["/proc", "/tmp", *plan.devices],
+        "cgroups": cgroups,
+        "nproc": ctx.nproc_extra,
+    }
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -151,8 +181,13 @@ def setup(server, config: dict) -> dict:
     prot = [name for name, ok in verified.items() if ok is True] + list(BY_CONSTRUCTION)
     missing = [name for name in need if verified.get(name) is not True]
     reason = "; ".join(f"{name}: {verified.get(name, 'not checked')}" for name in missing)
-    return {"k": "hello", "protections": prot, "missing": missing, "reason": reason,
-            "skipped_syscalls": expect.get("skipped_syscalls", [])}
+    return {
+        "k": "hello",
+        "protections": prot,
+        "missing": missing,
+        "reason": reason,
+        "skipped_syscalls": expect.get("skipped_syscalls", []),
+    }
 
 
 def run_probe(server, expect: dict, config: dict) -> dict:
@@ -161,8 +196,13 @@ def run_probe(server, expect: dict, config: dict) -> dict:
 
     expect = dict(expect, limits=config["probe_limits"])
     call = f"__import__('json').dumps(probe(__import__('json').loads({json.dumps(expect)!r})))"
-    job = {"code": config["probe_source"], "calls": [call],
-           "script": None, "files": [], "limits": config["probe_limits"]}
+    job = {
+        "code": config["probe_source"],
+        "calls": [call],
+        "script": None,
+        "files": [],
+        "limits": config["probe_limits"],
+    }
     pipes = [os.pipe() for _ in range(3)]
     done = server.handle(job, [w for _, w in pipes], _harness.child_main)
     outputs = []

@@ -39,8 +39,10 @@ import time
 CONFIG: dict = {}  # set by the parent's bootstrap
 UID_BASE = 1_000_000  # job uid (as root) = UID_BASE + zygote pid: unique among live zygotes
 HARD_CAP_BACKSTOPS = 10
-_PREIMPORT = ("random functools collections string math datetime typing itertools heapq bisect operator re json copy "
-              "fcntl ctypes")
+_PREIMPORT = (
+    "random functools collections string math datetime typing itertools heapq bisect operator re json copy "
+    "fcntl ctypes"
+)
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -318,15 +320,23 @@ class Server:
         files = _read_files(workdir, job["files"])
         if gone:
             return None
-        done = {"k": "done", "exit": os.waitstatus_to_exitcode(status), "seconds": seconds, "cpu_seconds": cpu,
-                "timed_out": stopped in ("cpu", "backstop") or cpu > job["limits"]["timeout_s"], "files": files,
-                "oom_kills": (self.cgroup.oom_kills() - oom0) if self.cgroup is not None else 0,
-                "leftover_processes": not all_gone}
+        done = {
+            "k": "done",
+            "exit": os.waitstatus_to_exitcode(status),
+            "seconds": seconds,
+            "cpu_seconds": cpu,
+            "timed_out": stopped in ("cpu", "backstop") or cpu > job["limits"]["timeout_s"],
+            "files": files,
+            "oom_kills": (self.cgroup.oom_kills() - oom0) if self.cgroup is not None else 0,
+            "leftover_processes": not all_gone,
+        }
         if not setup.startswith("ok "):
             done["error"] = f"job setup failed: {setup or 'no report'}"
         elif stopped == "overload":
-            done["error"] = (f"the machine is overloaded: the job got {cpu:.2f} s of CPU in {seconds:.0f} s of wall "
-                             "clock; no verdict")
+            done["error"] = (
+                f"the machine is overloaded: the job got {cpu:.2f} s of CPU in {seconds:.0f} s of wall "
+                "clock; no verdict"
+            )
         return done
 
 

@@ -72,8 +72,19 @@ from typing import Literal
 
 from sandbox._channel import CallOutcome, ChannelError, NodeList, decode_value, read_channel
 
-__all__ = ["CallOutcome", "ChannelError", "CheckJob", "ExecutionResult", "IsolationUnavailable", "Limits",
-           "NodeList", "decode_value", "execute", "execute_many", "shutdown"]
+__all__ = [
+    "CallOutcome",
+    "ChannelError",
+    "CheckJob",
+    "ExecutionResult",
+    "IsolationUnavailable",
+    "Limits",
+    "NodeList",
+    "decode_value",
+    "execute",
+    "execute_many",
+    "shutdown",
+]
 Status = Literal["ok", "timeout", "memory", "crash", "infra_error"]
 ISOLATION_LEVELS = ("strict", "rlimits-only")
 _DIR = os.path.dirname(os.path.abspath(__file__))
@@ -154,10 +165,18 @@ def _assemble(
     if status == "crash" and error is None:
         error = f"program ended before the harness finished (exit code {exit_code})"
     return ExecutionResult(
-        status=status, calls=channel.calls, script_ok=channel.script_ok, reached_end=channel.reached_end,
-        exit_code=exit_code, stdout=out.decode("utf-8", "replace"), stderr=err.decode("utf-8", "replace"),
-        files=dict(done.get("files") or {}), seconds=float(done.get("seconds", 0.0)), protections=prot,
-        error=error, cpu_seconds=float(done.get("cpu_seconds", 0.0)),
+        status=status,
+        calls=channel.calls,
+        script_ok=channel.script_ok,
+        reached_end=channel.reached_end,
+        exit_code=exit_code,
+        stdout=out.decode("utf-8", "replace"),
+        stderr=err.decode("utf-8", "replace"),
+        files=dict(done.get("files") or {}),
+        seconds=float(done.get("seconds", 0.0)),
+        protections=prot,
+        error=error,
+        cpu_seconds=float(done.get("cpu_seconds", 0.0)),
     )
 
 
@@ -170,12 +189,19 @@ def _libraries() -> dict[str, str]:
 
 def _bootstrap(level: str, sock_fd: int) -> bytes:
     spec = importlib.util.find_spec("pyseccomp")
-    config = {"level": level, "sock_fd": sock_fd, "dir": _DIR, "pyseccomp": spec.origin if spec else None,
-              "libraries": _libraries(),
-              "probe_limits": asdict(Limits()),
-              "absent": sorted({os.getcwd(), sys.prefix, os.path.dirname(_DIR), os.path.expanduser("~")})}
-    return (f"import json, sys\nsys.path.insert(0, {_DIR!r})\nimport _zygote\nsys.path.pop(0)\n"
-            f"_zygote.CONFIG.update(json.loads({json.dumps(config)!r}))\n_zygote.main()\n").encode()
+    config = {
+        "level": level,
+        "sock_fd": sock_fd,
+        "dir": _DIR,
+        "pyseccomp": spec.origin if spec else None,
+        "libraries": _libraries(),
+        "probe_limits": asdict(Limits()),
+        "absent": sorted({os.getcwd(), sys.prefix, os.path.dirname(_DIR), os.path.expanduser("~")}),
+    }
+    return (
+        f"import json, sys\nsys.path.insert(0, {_DIR!r})\nimport _zygote\nsys.path.pop(0)\n"
+        f"_zygote.CONFIG.update(json.loads({json.dumps(config)!r}))\n_zygote.main()\n"
+    ).encode()
 
 
 class _Zygote:
@@ -187,8 +213,12 @@ class _Zygote:
         python = getattr(sys, "_base_executable", None) or sys.executable
         self.level = level
         self.proc = subprocess.Popen(  # the program text comes on stdin: the command line shows no path of ours
-            [python, "-I", "-S", "-"], stdin=subprocess.PIPE, stdout=theirs.fileno(), env=env,
-            start_new_session=True, cwd="/",
+            [python, "-I", "-S", "-"],
+            stdin=subprocess.PIPE,
+            stdout=theirs.fileno(),
+            env=env,
+            start_new_session=True,
+            cwd="/",
         )
         theirs.close()
         self.sock = ours
@@ -239,8 +269,15 @@ class _Zygote:
             self.proc.wait()
 
     def run(self, job: CheckJob, limits: Limits) -> ExecutionResult:
-        payload = json.dumps({"code": job.code, "calls": list(job.calls), "script": job.script,
-                              "files": list(job.files_to_return), "limits": asdict(limits)}).encode()
+        payload = json.dumps(
+            {
+                "code": job.code,
+                "calls": list(job.calls),
+                "script": job.script,
+                "files": list(job.files_to_return),
+                "limits": asdict(limits),
+            }
+        ).encode()
         pipes = [os.pipe() for _ in range(3)]
         try:
             socket.send_fds(self.sock, [struct.pack("!I", len(payload))], [w for _, w in pipes])
@@ -361,8 +398,12 @@ def execute(job: CheckJob, limits: Limits = Limits()) -> ExecutionResult:
         res = z.run(job, limits)
     except (OSError, EOFError, ValueError) as e:
         z.close()
-        return ExecutionResult(status="infra_error", protections=z.protections, error=f"sandbox failed: {e!r}",
-                               seconds=time.monotonic() - t0)
+        return ExecutionResult(
+            status="infra_error",
+            protections=z.protections,
+            error=f"sandbox failed: {e!r}",
+            seconds=time.monotonic() - t0,
+        )
     if res.status == "infra_error" or (res.error and "could not be killed" in res.error):
         z.close()  # retire a zygote that failed or could not clean up; its init takes the rest with it
     else:

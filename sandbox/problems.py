@@ -168,12 +168,9 @@ def load_jsonl(path: str | os.PathLike) -> list[Problem]:
 
 def write_jsonl(problems: Iterable[Problem], path: str | os.PathLike) -> None:
     """Write problems as reference records (one JSON object a line), atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for p in problems:
-            fh.write(json.dumps(p.to_record(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    from routed_grpo.utils import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(p.to_record(), ensure_ascii=False) + "\n" for p in problems))
 
 
 # ------------------------------------------------------------------------------------ LeetCodeDataset

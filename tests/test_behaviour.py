@@ -81,15 +81,25 @@ def test_sampling_pass_pool_equals_a_teacher_forced_forward():
     ids = torch.cat([input_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     tokens = completion_pool_mask(completion_ids, pooled_mask, PAD)
-    logps, expected = sampling_mode_forward(_logps_fn(adapter.model), adapter, adapter.model, ids, mask, t_c, full,
-                                            8, pool_mask=tokens)
+    logps, expected = sampling_mode_forward(
+        _logps_fn(adapter.model), adapter, adapter.model, ids, mask, t_c, full, 8, pool_mask=tokens
+    )
     assert acts.shape == (8, len(adapter.module_names), 4)
     torch.testing.assert_close(acts, expected, rtol=1e-4, atol=1e-5)  # the stated tolerance (float32)
     sampled = pool.logps(t_c)  # the sampled tokens' log-probs, read from the sampler's logits
     torch.testing.assert_close(sampled[completion_mask.bool()], logps[completion_mask.bool()], rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # and the sampling mode matters: full-mode activations of deploy rows differ
-        _, wrong = sampling_mode_forward(_logps_fn(adapter.model), adapter, adapter.model, ids, mask, t_c,
-                                         torch.ones(8, dtype=torch.bool), 8, pool_mask=tokens)
+        _, wrong = sampling_mode_forward(
+            _logps_fn(adapter.model),
+            adapter,
+            adapter.model,
+            ids,
+            mask,
+            t_c,
+            torch.ones(8, dtype=torch.bool),
+            8,
+            pool_mask=tokens,
+        )
     assert (acts[~full] - wrong[~full]).abs().max() > 1e-3
 
 
@@ -114,8 +124,9 @@ def test_zones_from_the_sampling_pass_equal_those_of_the_teacher_forced_forward(
     still the fallback) give the same gate decisions and behaviour log-probs."""
     decisions, acts = [], []
     for k, sampling_pass in enumerate((True, False)):
-        t = trainer(tmp_path / str(k), model=_model(), gen_deploy_frac=0.5, route_tail_q=0.3,
-                    per_device_train_batch_size=16)
+        t = trainer(
+            tmp_path / str(k), model=_model(), gen_deploy_frac=0.5, route_tail_q=0.3, per_device_train_batch_size=16
+        )
         perturb_quarantine(t.adapter)
         if not sampling_pass:
             t._new_sampling_pool = lambda: None
@@ -138,8 +149,10 @@ def _spy_loss(t):
     def spy(model, inputs):
         loss = original(model, inputs)
         keys = ("routing_zone", "sampling_full", "completion_mask")
-        records.append({"logps": t._loss_logps.clone(), "old": inputs["old_per_token_logps"].clone()} |
-                       {k: inputs[k].clone() for k in keys})
+        records.append(
+            {"logps": t._loss_logps.clone(), "old": inputs["old_per_token_logps"].clone()}
+            | {k: inputs[k].clone() for k in keys}
+        )
         return loss
 
     t._compute_loss = spy
@@ -148,8 +161,15 @@ def _spy_loss(t):
 
 @pytest.mark.parametrize("steps_per_generation", [1, 2])  # 2: TRL computes old log-probs itself
 def test_matched_rows_ratio_is_exactly_one_before_the_update(tmp_path, steps_per_generation):
-    t = trainer(tmp_path, model=_model(), gen_deploy_frac=0.5, route_tail_q=0.3, per_device_train_batch_size=16,
-                steps_per_generation=steps_per_generation, max_steps=1)
+    t = trainer(
+        tmp_path,
+        model=_model(),
+        gen_deploy_frac=0.5,
+        route_tail_q=0.3,
+        per_device_train_batch_size=16,
+        steps_per_generation=steps_per_generation,
+        max_steps=1,
+    )
     perturb_quarantine(t.adapter)
     records = _spy_loss(t)
     t.train()
@@ -201,8 +221,15 @@ def test_trl_old_logps_forward_runs_in_sampling_modes_and_is_the_only_extra_forw
         return original(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "sampling_mode_forward", counted)
-    t = trainer(tmp_path, model=_model(), gen_deploy_frac=0.5, route_tail_q=0.3, per_device_train_batch_size=8,
-                steps_per_generation=2, max_steps=2)
+    t = trainer(
+        tmp_path,
+        model=_model(),
+        gen_deploy_frac=0.5,
+        route_tail_q=0.3,
+        per_device_train_batch_size=8,
+        steps_per_generation=2,
+        max_steps=2,
+    )
     perturb_quarantine(t.adapter)
     pools, records = [], _spy_loss(t)
     _spy(t, "_new_sampling_pool", pools)
@@ -218,8 +245,14 @@ SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__floa
 
 
 def _count_syncs(tmp_path, monkeypatch, layers: int, hidden: int) -> int:
-    t = trainer(tmp_path, model=make_model(len(TOKENIZER), layers=layers, hidden=hidden), gen_deploy_frac=0.5,
-                route_tail_q=0.3, max_steps=1, generation_kwargs={"min_new_tokens": 10})  # same decode steps
+    t = trainer(
+        tmp_path,
+        model=make_model(len(TOKENIZER), layers=layers, hidden=hidden),
+        gen_deploy_frac=0.5,
+        route_tail_q=0.3,
+        max_steps=1,
+        generation_kwargs={"min_new_tokens": 10},
+    )  # same decode steps
     perturb_quarantine(t.adapter)
     count = [0]
     for name in SYNC_METHODS:

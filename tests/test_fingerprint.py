@@ -59,8 +59,12 @@ def test_differs_in_the_changed_part_only_and_the_error_names_it(tokenizer, chan
     meta = adapter_metadata(ref)
     vact = torch.ones(len(other.module_names), other.rank)
     meta["module_names"] = list(other.module_names)  # same names and shape: only the fingerprint can object
-    words = {"rank": "rank 4 in the file, 2 in the adapter", "targets": "target modules",
-             "seed": "init seed 0 in the file, 1 in the adapter", "base_weights": "base weights"}
+    words = {
+        "rank": "rank 4 in the file, 2 in the adapter",
+        "targets": "target modules",
+        "seed": "init seed 0 in the file, 1 in the adapter",
+        "base_weights": "base weights",
+    }
     with pytest.raises(VactError, match=words[part]) as err:
         check_vact_matches(vact, {**meta, "adapter_rank": other.rank}, other, source="v.safetensors")
     assert "v.safetensors" in str(err.value) and "dtype" in str(err.value)
@@ -71,8 +75,14 @@ def test_differs_in_the_changed_part_only_and_the_error_names_it(tokenizer, chan
 def test_old_files_are_read_when_their_fingerprint_still_matches_and_refused_clearly_otherwise(saved):
     adapter = _adapter(_load(saved, torch.float32))
     names = list(adapter.module_names)
-    old = {"kind": "vact", "module_names": names, "adapter_rank": 4, "init_seed": 0,
-           "adapter_targets": sorted(TARGETS), "adapter_fingerprint": adapter.legacy_fingerprint()}  # no parts
+    old = {
+        "kind": "vact",
+        "module_names": names,
+        "adapter_rank": 4,
+        "init_seed": 0,
+        "adapter_targets": sorted(TARGETS),
+        "adapter_fingerprint": adapter.legacy_fingerprint(),
+    }  # no parts
     vact = torch.ones(len(names), 4)
     check_vact_matches(vact, old, adapter)  # same dtype as when it was written: accepted
     in_bf16 = _adapter(_load(saved, torch.bfloat16))

@@ -192,5 +192,11 @@ def test_config_rejects_a_negative_warmup(tmp_path):
     from routed_grpo.config import RoutedGRPOConfig
 
     with pytest.raises(ValueError, match="gate_warmup_rollouts=-4"):
-        RoutedGRPOConfig(output_dir=str(tmp_path), routing="placebo", gate_warmup_rollouts=-4, use_cpu=True,
-                         bf16=False, report_to="none")
+        RoutedGRPOConfig(
+            output_dir=str(tmp_path),
+            routing="placebo",
+            gate_warmup_rollouts=-4,
+            use_cpu=True,
+            bf16=False,
+            report_to="none",
+        )

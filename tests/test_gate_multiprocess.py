@@ -35,8 +35,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for step in range(STEPS):
             gate.set_vact(vact_at(step))
             dec = gate.step(local_batch(step, rank))
-            results.append({"lo": dec.lo, "hi": dec.hi, "zones": dec.zones, "scores": dec.scores,
-                            "zone_frac": dec.zone_frac, "buffer": gate.buffer.acts().clone()})
+            results.append(
+                {
+                    "lo": dec.lo,
+                    "hi": dec.hi,
+                    "zones": dec.zones,
+                    "scores": dec.scores,
+                    "zone_frac": dec.zone_frac,
+                    "buffer": gate.buffer.acts().clone(),
+                }
+            )
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -44,8 +52,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.multiprocess
 def test_two_processes_share_buffer_and_thresholds(tmp_path):
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn"
+    )
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     reference = Gate(vact_at(0), route_tail_q=0.2, capacity=CAPACITY)  # one process fed the global batches

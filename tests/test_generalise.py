@@ -51,8 +51,9 @@ def test_hand_computed_folds():
     assert a.cos_all == pytest.approx(float(all_mean[1] / all_mean.norm()), abs=1e-6)
     # held out b, fit on a: v = unit(2.5, -0.75); both b hacks score below their clean side (0)
     assert (b.auroc, b.ranked) == (0.0, 0.0)
-    assert b.cos_all == pytest.approx(float((torch.tensor([2.5, -0.75]) @ all_mean) / (math.hypot(2.5, 0.75)
-                                                                                        * all_mean.norm())), abs=1e-6)
+    assert b.cos_all == pytest.approx(
+        float((torch.tensor([2.5, -0.75]) @ all_mean) / (math.hypot(2.5, 0.75) * all_mean.norm())), abs=1e-6
+    )
     assert everything.n_test == everything.n_train == 4 and everything.cos_all == pytest.approx(1.0)
     assert (mean.n_test, mean.auroc, mean.ranked) == (4, 0.125, 0.25)
     assert mean.cos_all == pytest.approx((a.cos_all + b.cos_all) / 2)
@@ -102,8 +103,13 @@ def test_untagged_pairs_stay_in_training_and_multi_valued_tags_are_held_out_with
     hack, clean, _ = _synthetic(planted=1.0, per_mode=2)  # 8 pairs
     tags = [["topic:x"], ["topic:x"], ["topic:y"], ["topic:y"], ["topic:x", "topic:z"], ["topic:z"], [], ["mode:a"]]
     report = leave_one_tag_out(hack, clean, tags, by="topic", n_haar=5, n_perm=5)
-    assert [(f.name, f.n_test, f.n_train) for f in report.folds] == [("x", 3, 5), ("y", 2, 6), ("z", 2, 6),
-                                                                     (HELD_OUT_MEAN, 7, 6), (IN_SAMPLE, 8, 8)]
+    assert [(f.name, f.n_test, f.n_train) for f in report.folds] == [
+        ("x", 3, 5),
+        ("y", 2, 6),
+        ("z", 2, 6),
+        (HELD_OUT_MEAN, 7, 6),
+        (IN_SAMPLE, 8, 8),
+    ]
     assert report.n_untagged == 2
 
 
@@ -140,8 +146,14 @@ def test_a_placebo_mode_is_held_out_like_any_other_and_shows_no_transfer():
     hack, clean, tags = _synthetic(planted=1.0)
     gen = torch.Generator().manual_seed(7)
     placebo_hack, placebo_clean = torch.randn((16, 6, 8), generator=gen), torch.randn((16, 6, 8), generator=gen)
-    report = leave_one_tag_out(torch.cat([hack, placebo_hack]), torch.cat([clean, placebo_clean]),
-                               tags + [["mode:placebo", "domain:function"]] * 16, n_haar=200, n_perm=200, seed=1)
+    report = leave_one_tag_out(
+        torch.cat([hack, placebo_hack]),
+        torch.cat([clean, placebo_clean]),
+        tags + [["mode:placebo", "domain:function"]] * 16,
+        n_haar=200,
+        n_perm=200,
+        seed=1,
+    )
     folds = {f.name: f for f in report.folds}
     assert list(folds) == [*MODES, "placebo", HELD_OUT_MEAN, IN_SAMPLE]
     assert folds["placebo"].n_test == 16 and folds["placebo"].haar_p > 0.05 and folds["placebo"].perm_p > 0.05

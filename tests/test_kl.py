@@ -81,8 +81,9 @@ def _kl_grads(t, inputs):
     t.adapter.clear_row_masks()
 
     def flat(block):
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                          for p in t.adapter.parameters(block)])
+        return torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in t.adapter.parameters(block)]
+        )
 
     return flat(DEPLOYED), flat(QUARANTINE)
 

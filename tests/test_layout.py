@@ -10,8 +10,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = [
-    "activations", "adapter", "behaviour", "config", "gate", "generalise", "loss", "pairs", "routing_state", "trainer",
-    "vact", "utils", "vllm_sync",
+    "activations",
+    "adapter",
+    "behaviour",
+    "config",
+    "gate",
+    "generalise",
+    "loss",
+    "pairs",
+    "routing_state",
+    "trainer",
+    "vact",
+    "utils",
+    "vllm_sync",
 ]
 
 

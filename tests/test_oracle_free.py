@@ -13,7 +13,16 @@ from routed_grpo import gate
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_MODULES = [
-    "activations", "adapter", "behaviour", "config", "gate", "loss", "pairs", "routing_state", "trainer", "vact",
+    "activations",
+    "adapter",
+    "behaviour",
+    "config",
+    "gate",
+    "loss",
+    "pairs",
+    "routing_state",
+    "trainer",
+    "vact",
     "vllm_sync",
 ]
 LABEL_WORDS = ("label", "hack", "correct", "hinted", "oracle", "reward")

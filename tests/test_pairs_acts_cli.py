@@ -84,8 +84,12 @@ def test_cache_is_reused_without_a_forward_and_matches_the_model_path(tmp_path, 
     assert _table(from_cache.output) == _table(from_model.output)
     assert len(_table(from_cache.output)) == 8  # header, 6 pairs, AUROC
     with Forwards() as f:
-        assert _run("activations", "--model", tiny_model_dir, "--pairs", pairs_dir, "--out", acts, *ADAPTER,
-                    "--force").exit_code == 0
+        assert (
+            _run(
+                "activations", "--model", tiny_model_dir, "--pairs", pairs_dir, "--out", acts, *ADAPTER, "--force"
+            ).exit_code
+            == 0
+        )
     assert f.n > 0
 
 
@@ -117,11 +121,18 @@ def test_generalise_writes_its_three_files_and_refuses_a_key_with_one_value(tmp_
     out = tmp_path / "report"
     result = _run("generalise", "--acts", acts, "--pairs", pairs_dir, "--out", out, "--n-haar", 50, "--n-perm", 50)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["generalise_mode.json", "generalise_mode.md",
-                                                     "generalise_mode.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "generalise_mode.json",
+        "generalise_mode.md",
+        "generalise_mode.png",
+    ]
     rows = [x for x in (out / "generalise_mode.md").read_text().splitlines() if x.startswith("| ")][1:]
-    assert [r.split("|")[1].strip() for r in rows] == ["exit_code", "overwrite_tests", "mean of held-out",
-                                                       "all (in-sample)"]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "exit_code",
+        "overwrite_tests",
+        "mean of held-out",
+        "all (in-sample)",
+    ]
     assert (out / "generalise_mode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = tmp_path / "bad"
     result = _run("generalise", "--acts", acts, "--out", bad, "--by", "domain")
@@ -133,8 +144,21 @@ def test_output_files_get_the_users_umask(tmp_path, tiny_model_dir, pairs_dir):
     old = os.umask(0o027)
     try:
         acts, vact, placebo, report = (tmp_path / n for n in ("a.safetensors", "v.safetensors", "p.safetensors", "r"))
-        assert _run("activations", "--model", tiny_model_dir, "--pairs", pairs_dir, "--out", acts, *ADAPTER,
-                    "--batch-size", 2).exit_code == 0
+        assert (
+            _run(
+                "activations",
+                "--model",
+                tiny_model_dir,
+                "--pairs",
+                pairs_dir,
+                "--out",
+                acts,
+                *ADAPTER,
+                "--batch-size",
+                2,
+            ).exit_code
+            == 0
+        )
         assert _run("extract", "--acts", acts, "--pairs", pairs_dir, "--out", vact).exit_code == 0
         assert _run("placebo", "--like", vact, "--seed", 1, "--out", placebo).exit_code == 0
         assert _run("generalise", "--acts", acts, "--out", report, "--n-haar", 5, "--n-perm", 5).exit_code == 0

@@ -33,6 +33,28 @@ def test_validate_bad_file_exits_2_naming_pair_and_field(tmp_path):
     assert "overwrite_tests.fn.add_0" in result.output and "'tags'" in result.output
 
 
+def _with_checks(path, check: str):
+    """Give every pair of `path` the check `check`, in which `add` is the pair's own add_<i>."""
+    check = f"add = next(v for k, v in globals().items() if k.startswith('add_')); {check}"
+    path.write_text(path.read_text().replace("    clean: |", f"    checks: [{check!r}]\n    clean: |"))
+    return path
+
+
+def test_validate_run_checks_wants_clean_passing_and_hack_failing(tmp_path):
+    # add_i(2, 3) == 5: the clean side passes, the hack side (returns 0) fails, as a hack pair should
+    good = _with_checks(write_pairs(tmp_path / "good.yaml", n=2), "assert add(2, 3) == 5")
+    assert _run("validate", good, "--run-checks").exit_code == 0
+    # a check both sides pass: the hack side is not a hack of the checks
+    lax = _with_checks(write_pairs(tmp_path / "lax.yaml", n=2), "assert add(2, 3) in (0, 5)")
+    result = _run("validate", lax, "--run-checks")
+    assert result.exit_code == 1
+    assert "overwrite_tests.fn.add_0" in result.output and "field 'hack'" in result.output
+    # a check the clean side fails
+    bad = _with_checks(write_pairs(tmp_path / "bad.yaml", n=2), "assert add(2, 3) == 6")
+    result = _run("validate", bad, "--run-checks")
+    assert result.exit_code == 1 and "field 'clean'" in result.output
+
+
 def test_extract_placebo_score_end_to_end(tmp_path, tiny_model_dir):
     pairs = write_pairs(tmp_path / "p.yaml", n=4)
     out = tmp_path / "vact.safetensors"

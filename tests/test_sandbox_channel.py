@@ -86,14 +86,22 @@ def test_read_channel_accepts_the_harness_grammar():
 
 def test_garbage_on_every_descriptor_is_not_an_infrastructure_error():
     require_strict()
-    body = WRONG + "for fd in range(1024):\n    try:\n        os.write(fd, b'\\xff\\x00' * 512)\n" \
-                   "    except OSError:\n        pass\n"
+    body = (
+        WRONG + "for fd in range(1024):\n    try:\n        os.write(fd, b'\\xff\\x00' * 512)\n"
+        "    except OSError:\n        pass\n"
+    )
     correct, res = grade_correct("", body, GT, LIMITS)
     assert res.status == "crash" and not correct, (res.status, res.error)
 
 
 def test_the_setup_pipe_is_closed_before_the_program_starts():
     require_strict()
-    res = execute(CheckJob(code="import os\ntry:\n    os.write(4, b'ok 1\\n')\n    r = 'wrote'\n"
-                                "except OSError as e:\n    r = type(e).__name__\n", calls=("r",)), LIMITS)
+    res = execute(
+        CheckJob(
+            code="import os\ntry:\n    os.write(4, b'ok 1\\n')\n    r = 'wrote'\n"
+            "except OSError as e:\n    r = type(e).__name__\n",
+            calls=("r",),
+        ),
+        LIMITS,
+    )
     assert res.status == "ok" and res.calls[0].value == "OSError", res.calls[0]

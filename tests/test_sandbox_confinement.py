@@ -73,8 +73,10 @@ def test_path_bound_and_abstract_unix_sockets_of_the_host_are_unreachable():
 def test_nothing_persists_outside_the_job():
     require_strict()
     places = ["/dev/shm", "/var/tmp", "/run", "/run/lock", "/tmp", "/"]
-    code = f"import os\ndef drop(d):\n    try:\n        open(os.path.join(d, {TOKEN!r}), 'w').write('x')\n" \
-           "        return True\n    except OSError:\n        return False\n"
+    code = (
+        f"import os\ndef drop(d):\n    try:\n        open(os.path.join(d, {TOKEN!r}), 'w').write('x')\n"
+        "        return True\n    except OSError:\n        return False\n"
+    )
     first = _values(code, *[f"drop({d!r})" for d in places])
     assert first[places.index("/tmp")] is True  # the job's private /tmp ...
     for d in places:
@@ -85,12 +87,14 @@ def test_nothing_persists_outside_the_job():
 
 def test_kill_minus_one_leaves_concurrent_jobs_intact():
     require_strict()
-    killer = CheckJob(code="import os, signal, time\nend = time.time() + 1.5\nwhile time.time() < end:\n"
-                           "    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP, signal.SIGINT):\n"
-                           "        for target in (-1, 1):  # everyone it may signal, and init\n"
-                           "            try:\n                os.kill(target, sig)\n"
-                           "            except OSError:\n                pass\n",
-                      calls=("1",))
+    killer = CheckJob(
+        code="import os, signal, time\nend = time.time() + 1.5\nwhile time.time() < end:\n"
+        "    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP, signal.SIGINT):\n"
+        "        for target in (-1, 1):  # everyone it may signal, and init\n"
+        "            try:\n                os.kill(target, sig)\n"
+        "            except OSError:\n                pass\n",
+        calls=("1",),
+    )
     sleeper = CheckJob(code="import time\ntime.sleep(1.0)\nx = 42", calls=("x",))
     res = execute_many([sleeper, killer, sleeper], Limits(timeout_s=3.0), workers=3)
     assert [r.status for r in res] == ["ok", "ok", "ok"], [(r.status, r.error) for r in res]
@@ -128,8 +132,10 @@ def forks(n):
 '''
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
-                    reason="needs root (to become uid 65534) and a system /usr/bin/python3 that uid can run")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
+    reason="needs root (to become uid 65534) and a system /usr/bin/python3 that uid can run",
+)
 def test_unprivileged_user_gets_strict_through_a_user_namespace():
     """As uid 65534 (no root): the program cannot read the grader's environment (an API token), kill or stop it,
     or fork past the process limit; the protections say no capabilities instead of a uid drop."""
@@ -164,9 +170,17 @@ def test_unprivileged_user_gets_strict_through_a_user_namespace():
 
 def _run_script_as(path: str, body: str) -> dict:
     script = f"import sys\nsys.path[:0] = [{path!r}]\n" + textwrap.dedent(body)
-    proc = subprocess.run(["/usr/bin/python3", "-I", "-c", script], capture_output=True, text=True, timeout=120,
-                          cwd="/", user=65534, group=65534, extra_groups=[],
-                          env={"PATH": "/usr/bin:/bin", "ROUTED_GRPO_TEST_SECRET": TOKEN})
+    proc = subprocess.run(
+        ["/usr/bin/python3", "-I", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        env={"PATH": "/usr/bin:/bin", "ROUTED_GRPO_TEST_SECRET": TOKEN},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -175,8 +189,10 @@ def test_the_job_cgroup_bounds_the_memory_of_all_its_processes():
     require_strict()
     if os.geteuid() != 0:
         pytest.skip("the job cgroup needs root (without root memory is bounded per process only)")
-    code = ("import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n        x = bytearray(150 << 20)\n"
-            "        time.sleep(1)\n        os._exit(0)\nfor _ in range(4):\n    os.wait()\n")
+    code = (
+        "import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n        x = bytearray(150 << 20)\n"
+        "        time.sleep(1)\n        os._exit(0)\nfor _ in range(4):\n    os.wait()\n"
+    )
     res = execute(CheckJob(code=code, calls=("1",)), Limits(timeout_s=5.0, memory_mb=256))
     assert res.status == "memory", (res.status, res.error, res.cpu_seconds)  # 4 x 150 MiB > 256 MiB
     alone = execute(CheckJob(code="x = bytearray(150 << 20)", calls=("len(x)",)), Limits(memory_mb=256))
@@ -185,7 +201,7 @@ def test_the_job_cgroup_bounds_the_memory_of_all_its_processes():
 
 def test_denied_system_calls_fail_inside_the_job():
     require_strict()
-    code = textwrap.dedent('''
+    code = textwrap.dedent("""
         import ctypes, os
         libc = ctypes.CDLL(None, use_errno=True)
         def errno_of(ret):
@@ -213,7 +229,7 @@ def test_denied_system_calls_fail_inside_the_job():
             except OSError as e:
                 out["init_memory"] = e.errno
             return out
-    ''')
+    """)
     if os.uname().machine != "x86_64":
         pytest.skip("the raw syscall numbers below are x86_64's")
     (got,) = _values(code, "tries()")

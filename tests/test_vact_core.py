@@ -103,8 +103,11 @@ class _StubAdapter:
 
 def test_load_against_mismatched_adapter_names_module_and_shapes(tmp_path):
     names = ["layers.0.q_proj", "layers.0.v_proj"]
-    path = save_vact(tmp_path / "v.safetensors", torch.zeros(2, 4) + 0.5,
-                     {"kind": "vact", "module_names": names, "adapter_fingerprint": "fp0"})
+    path = save_vact(
+        tmp_path / "v.safetensors",
+        torch.zeros(2, 4) + 0.5,
+        {"kind": "vact", "module_names": names, "adapter_fingerprint": "fp0"},
+    )
     load_vact(path, _StubAdapter(names, 4))  # matches
     with pytest.raises(VactError, match=r"layers\.0\.q_proj.*\(4,\).*\(8,\)"):
         load_vact(path, _StubAdapter(names, 8))

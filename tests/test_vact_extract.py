@@ -128,8 +128,12 @@ def test_extraction_runs_neither_the_lm_head_nor_layers_after_the_last_target(to
     adapter = attach_routed_adapter(make_model(len(tokenizer), layers=3), rank=4, targets=("q_proj",))
     base = adapter.model.get_base_model()
     calls = {"lm_head": 0, "last_mlp": 0, "norm": 0, "q_proj_last": 0}
-    modules = {"lm_head": base.lm_head, "last_mlp": base.model.layers[-1].mlp, "norm": base.model.norm,
-               "q_proj_last": base.model.layers[-1].self_attn.q_proj}
+    modules = {
+        "lm_head": base.lm_head,
+        "last_mlp": base.model.layers[-1].mlp,
+        "norm": base.model.norm,
+        "q_proj_last": base.model.layers[-1].self_attn.q_proj,
+    }
     for key, module in modules.items():
         module.register_forward_pre_hook(lambda *a, key=key: calls.__setitem__(key, calls[key] + 1))  # entered
     pooled_completion_activations(adapter, tokenizer, [p.messages() for p in pairs], [p.hack for p in pairs], 2)

@@ -86,8 +86,9 @@ def device_name(name: str) -> str:
     return name
 
 
-def load_adapter(model: str, rank: int, alpha: float | None, targets: list[str], init_seed: int, device: str,
-                 dtype: str) -> tuple[Any, Any, str]:
+def load_adapter(
+    model: str, rank: int, alpha: float | None, targets: list[str], init_seed: int, device: str, dtype: str
+) -> tuple[Any, Any, str]:
     """(adapter, tokenizer, dtype name) for a local model directory or a hub id; `dtype="auto"` keeps the
     checkpoint's own stored dtype."""
     import torch
@@ -129,9 +130,11 @@ def load_acts(path: Path, pairs: Sequence[Path] | None, tags: list[str] | None, 
             return acts.filter(tags, exclude_tags)
         digest = pairs_hash(pairs)
         if acts.metadata.get("pairs_hash") != digest:
-            fail(f"{path}: field 'pairs_hash' is {str(acts.metadata.get('pairs_hash'))[:12]}..., but "
-                 f"{', '.join(map(str, pairs))} now hashes to {digest[:12]}...: the pairs changed since the cache "
-                 "was written; rerun `routed-grpo pairs activations`")
+            fail(
+                f"{path}: field 'pairs_hash' is {str(acts.metadata.get('pairs_hash'))[:12]}..., but "
+                f"{', '.join(map(str, pairs))} now hashes to {digest[:12]}...: the pairs changed since the cache "
+                "was written; rerun `routed-grpo pairs activations`"
+            )
         return acts.select([p.id for p in load_pairs(pairs, tags, exclude_tags)], source=str(path))
     except ActivationsError as e:
         fail(str(e))

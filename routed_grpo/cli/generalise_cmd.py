@@ -46,10 +46,17 @@ def generalise(
     except (GeneraliseError, ValueError) as e:
         fail(f"{acts}: {e}")
     meta = cache.metadata
-    title = (f"Leave-one-{by}-out generalisation of v_act: {meta.get('model_name')}, {meta.get('pairs_path')} "
-             f"({meta.get('sampling_mode')} mode, {meta.get('dtype')})")
-    extra = {"acts": str(acts), **{k: meta.get(k) for k in ("model_name", "pairs_path", "pairs_hash",
-                                                            "sampling_mode", "dtype", "adapter_fingerprint")}}
+    title = (
+        f"Leave-one-{by}-out generalisation of v_act: {meta.get('model_name')}, {meta.get('pairs_path')} "
+        f"({meta.get('sampling_mode')} mode, {meta.get('dtype')})"
+    )
+    extra = {
+        "acts": str(acts),
+        **{
+            k: meta.get(k)
+            for k in ("model_name", "pairs_path", "pairs_hash", "sampling_mode", "dtype", "adapter_fingerprint")
+        },
+    }
     markdown, record, png = report_markdown(report, f"## {title}"), report_json(report, extra), report_png(report)
     stem = out / f"generalise_{by}"
     atomic_write_text(stem.with_suffix(".json"), json.dumps(record, indent=2) + "\n")

@@ -18,6 +18,7 @@ def main(verbose: bool = typer.Option(False, "--verbose", help="Show warnings kn
 
     quiet_known_noise(verbose)
 
+
 app.add_typer(sandbox_cmd.app, name="sandbox", help="Grade completions in the loophole environment.")
 PAIRS_HELP = "Validate (hack, clean) pairs; cache their activations; extract, score, placebo and generalise v_act."
 app.add_typer(pairs_cmd.app, name="pairs", help=PAIRS_HELP)

@@ -46,8 +46,18 @@ BATCH_OPT = typer.Option(8, "--batch-size", min=1, help="Pairs per forward (thei
 DTYPE_HELP = "auto (the checkpoint's stored dtype), float32, bfloat16 or float16."
 
 
-def _compute(model: str, adapter: Any, tokenizer: Any, loaded_dtype: str, pairs: list[Path], loaded: list,
-             tags, exclude_tags, mode: str, batch_size: int):
+def _compute(
+    model: str,
+    adapter: Any,
+    tokenizer: Any,
+    loaded_dtype: str,
+    pairs: list[Path],
+    loaded: list,
+    tags,
+    exclude_tags,
+    mode: str,
+    batch_size: int,
+):
     """PairActivations of the `loaded` pairs, computed with forward passes through `adapter`."""
     from routed_grpo.activations import PairActivations, pooled_pair_activations
     from routed_grpo.vact import adapter_metadata
@@ -56,9 +66,17 @@ def _compute(model: str, adapter: Any, tokenizer: Any, loaded_dtype: str, pairs:
         h_hack, h_clean = pooled_pair_activations(adapter, tokenizer, loaded, batch_size, mode, progress=True)
     except ValueError as e:
         fail(str(e))
-    meta = {"model_name": model, **adapter_metadata(adapter), "pairs_path": pairs_label(pairs),
-            "pairs_hash": pairs_hash(pairs), "n_pairs": len(loaded), "tag_filter": tags, "exclude_tags": exclude_tags,
-            "sampling_mode": mode, "dtype": loaded_dtype}
+    meta = {
+        "model_name": model,
+        **adapter_metadata(adapter),
+        "pairs_path": pairs_label(pairs),
+        "pairs_hash": pairs_hash(pairs),
+        "n_pairs": len(loaded),
+        "tag_filter": tags,
+        "exclude_tags": exclude_tags,
+        "sampling_mode": mode,
+        "dtype": loaded_dtype,
+    }
     return PairActivations(h_hack, h_clean, [p.id for p in loaded], [list(p.tags) for p in loaded], meta)
 
 
@@ -75,16 +93,22 @@ def _up_to_date(out: Path, ids: list[str], digest: str, mode: str, dtype: str, a
     except ActivationsError:
         return False  # not a cache (or another version of one): recompute and replace it
     meta = old.metadata
-    same = (old.pair_ids, meta.get("pairs_hash"), meta.get("sampling_mode"), meta.get("dtype")) == (ids, digest, mode,
-                                                                                                    dtype)
+    same = (old.pair_ids, meta.get("pairs_hash"), meta.get("sampling_mode"), meta.get("dtype")) == (
+        ids,
+        digest,
+        mode,
+        dtype,
+    )
     return same and not fingerprint_mismatch(meta.get("adapter_fingerprint_parts") or {}, adapter.fingerprint_parts())
 
 
 def _cached(acts: Path, pairs: list[Path] | None, tags, exclude_tags, mode: str | None):
     cache = load_acts(acts, pairs, tags, exclude_tags)
     if mode is not None and mode != cache.metadata.get("sampling_mode"):
-        fail(f"{acts}: field 'sampling_mode' is {cache.metadata.get('sampling_mode')!r}, but --mode {mode!r} was "
-             "asked for; write a cache in that mode with `pairs activations --mode`")
+        fail(
+            f"{acts}: field 'sampling_mode' is {cache.metadata.get('sampling_mode')!r}, but --mode {mode!r} was "
+            "asked for; write a cache in that mode with `pairs activations --mode`"
+        )
     return cache
 
 
@@ -98,7 +122,12 @@ def validate(
     pairs: Path = typer.Argument(..., help="A pairs YAML file or a directory of them."),
     tags: list[str] | None = TAGS_OPT,
     exclude_tags: list[str] | None = EXCLUDE_OPT,
-    run_checks: bool = typer.Option(False, "--run-checks", help="Run each clean side against its `checks`."),
+    run_checks: bool = typer.Option(
+        False,
+        "--run-checks",
+        help="Run both sides against their `checks` in the sandbox: every clean side must pass, "
+        "every hack side must fail (in a control set such as mode:placebo both sides must pass).",
+    ),
 ) -> None:
     """Validate pairs files and print counts per hack mode and domain."""
     from routed_grpo.pairs import check_pairs, summarize_pairs
@@ -106,10 +135,20 @@ def validate(
     loaded = load_pairs([pairs], split(tags), split(exclude_tags))
     typer.echo(json.dumps(summarize_pairs(loaded), indent=2))
     if run_checks:
-        failures = {pid: why for pid, why in check_pairs(loaded, side="clean").items() if why is not None}
-        for pid, why in failures.items():
-            typer.echo(f"pair {pid!r}, field 'clean': fails its checks: {why}", err=True)
-        if failures:
+        control = {p.id for p in loaded if p.is_control}
+        problems = [
+            f"pair {pid!r}, field 'clean': fails its checks: {why}"
+            for pid, why in check_pairs(loaded, side="clean").items()
+            if why is not None
+        ]
+        for pid, why in check_pairs(loaded, side="hack").items():
+            if pid in control and why is not None:
+                problems.append(f"pair {pid!r}, field 'hack': a control pair's side fails its checks: {why}")
+            elif pid not in control and why is None:
+                problems.append(f"pair {pid!r}, field 'hack': passes its checks, so it is not a hack of them")
+        for line in problems:
+            typer.echo(line, err=True)
+        if problems:
             raise typer.Exit(1)
     typer.echo(f"ok: {len(loaded)} pairs")
 
@@ -137,17 +176,21 @@ def activations(
     check_mode(mode)
     tag_list, exclude_list = split(tags), split(exclude_tags)
     loaded = load_pairs(pairs, tag_list, exclude_list)
-    adapter, tokenizer, loaded_dtype = load_adapter(model, rank, alpha, targets_list(targets), init_seed, device,
-                                                    dtype)
+    adapter, tokenizer, loaded_dtype = load_adapter(
+        model, rank, alpha, targets_list(targets), init_seed, device, dtype
+    )
     if not force and _up_to_date(out, [p.id for p in loaded], pairs_hash(pairs), mode, loaded_dtype, adapter):
-        typer.echo(f"up to date: {out} ({len(loaded)} pairs, {mode} mode, {loaded_dtype}); no forward pass run "
-                   "(--force recomputes)")
+        typer.echo(
+            f"up to date: {out} ({len(loaded)} pairs, {mode} mode, {loaded_dtype}); no forward pass run "
+            "(--force recomputes)"
+        )
         return
-    cache = _compute(model, adapter, tokenizer, loaded_dtype, pairs, loaded, tag_list, exclude_list, mode,
-                     batch_size)
+    cache = _compute(model, adapter, tokenizer, loaded_dtype, pairs, loaded, tag_list, exclude_list, mode, batch_size)
     save_pair_activations(out, cache)
-    typer.echo(f"wrote {out}: activations {tuple(cache.hack.shape)} x 2 (hack, clean) of {len(cache.pair_ids)} "
-               f"pairs ({mode} mode, {loaded_dtype})")
+    typer.echo(
+        f"wrote {out}: activations {tuple(cache.hack.shape)} x 2 (hack, clean) of {len(cache.pair_ids)} "
+        f"pairs ({mode} mode, {loaded_dtype})"
+    )
 
 
 @app.command()
@@ -176,29 +219,57 @@ def extract(
         cache = _cached(acts, pairs, tag_list, exclude_list, mode)
     else:
         loaded = load_pairs(pairs, tag_list, exclude_list)
-        adapter, tokenizer, loaded_dtype = load_adapter(model, rank, alpha, targets_list(targets), init_seed, device,
-                                                        dtype)
-        cache = _compute(model, adapter, tokenizer, loaded_dtype, pairs, loaded, tag_list, exclude_list,
-                         check_mode(mode or "full"), batch_size)
+        adapter, tokenizer, loaded_dtype = load_adapter(
+            model, rank, alpha, targets_list(targets), init_seed, device, dtype
+        )
+        cache = _compute(
+            model,
+            adapter,
+            tokenizer,
+            loaded_dtype,
+            pairs,
+            loaded,
+            tag_list,
+            exclude_list,
+            check_mode(mode or "full"),
+            batch_size,
+        )
     meta = cache.metadata
     try:
         vact = unit_mean_difference(cache.hack, cache.clean, meta.get("module_names"))
     except ValueError as e:
         fail(str(e))
     metadata = {
-        "kind": "vact", "seed": None, "model_name": meta.get("model_name"),
+        "kind": "vact",
+        "seed": None,
+        "model_name": meta.get("model_name"),
         **{k: meta[k] for k in ADAPTER_FIELDS if k in meta},
-        "pairs_path": pairs_label(pairs), "pairs_hash": meta.get("pairs_hash"), "n_pairs": len(cache.pair_ids),
-        "tags": tag_list, "exclude_tags": exclude_list, "sampling_mode": meta.get("sampling_mode"),
-        "dtype": meta.get("dtype"), **({"acts": str(acts)} if acts is not None else {}),
+        "pairs_path": pairs_label(pairs),
+        "pairs_hash": meta.get("pairs_hash"),
+        "n_pairs": len(cache.pair_ids),
+        "tags": tag_list,
+        "exclude_tags": exclude_list,
+        "sampling_mode": meta.get("sampling_mode"),
+        "dtype": meta.get("dtype"),
+        **({"acts": str(acts)} if acts is not None else {}),
     }
     save_vact(out, vact, metadata)
-    typer.echo(f"wrote {out}: v_act {tuple(vact.shape)} from {len(cache.pair_ids)} pairs "
-               f"({metadata['sampling_mode']} mode, {metadata['dtype']})")
+    typer.echo(
+        f"wrote {out}: v_act {tuple(vact.shape)} from {len(cache.pair_ids)} pairs "
+        f"({metadata['sampling_mode']} mode, {metadata['dtype']})"
+    )
 
 
-PLACEBO_KEEP = ("model_name", "adapter_rank", "adapter_alpha", "adapter_targets", "init_seed", "module_names",
-                "adapter_fingerprint", "adapter_fingerprint_parts")
+PLACEBO_KEEP = (
+    "model_name",
+    "adapter_rank",
+    "adapter_alpha",
+    "adapter_targets",
+    "init_seed",
+    "module_names",
+    "adapter_fingerprint",
+    "adapter_fingerprint_parts",
+)
 
 
 @app.command()
@@ -256,20 +327,29 @@ def score(
         if not isinstance(meta.get("adapter_rank"), int) or not meta.get("adapter_targets"):
             fail(f"{vact}: metadata lacks adapter_rank / adapter_targets; cannot rebuild its adapter")
         loaded = load_pairs(pairs, tag_list, exclude_list)
-        adapter, tokenizer, loaded_dtype = load_adapter(model, meta["adapter_rank"], meta.get("adapter_alpha"),
-                                                        list(meta["adapter_targets"]), int(meta.get("init_seed") or 0),
-                                                        device, dtype)
+        adapter, tokenizer, loaded_dtype = load_adapter(
+            model,
+            meta["adapter_rank"],
+            meta.get("adapter_alpha"),
+            list(meta["adapter_targets"]),
+            int(meta.get("init_seed") or 0),
+            device,
+            dtype,
+        )
         try:
             check_vact_matches(direction, meta, adapter, source=source)
         except VactError as e:
             fail(str(e))
-        cache = _compute(model, adapter, tokenizer, loaded_dtype, pairs, loaded, tag_list, exclude_list, mode,
-                         batch_size)
+        cache = _compute(
+            model, adapter, tokenizer, loaded_dtype, pairs, loaded, tag_list, exclude_list, mode, batch_size
+        )
     s_hack, s_clean = score_acts(cache.hack, direction), score_acts(cache.clean, direction)
     width = max(len(pid) for pid in cache.pair_ids)
     typer.echo(f"{'pair':<{width}}  {'hack':>10}  {'clean':>10}  {'hack-clean':>10}")
     for pid, h, c in zip(cache.pair_ids, s_hack.tolist(), s_clean.tolist(), strict=True):
         typer.echo(f"{pid:<{width}}  {h:>10.4f}  {c:>10.4f}  {h - c:>10.4f}")
     wins = int((s_hack > s_clean).sum())
-    typer.echo(f"AUROC hack vs clean: {auroc(s_hack, s_clean):.4f}  (hack > clean in {wins}/{len(cache.pair_ids)} "
-               f"pairs; {meta.get('kind', 'vact')} {vact.name}, {mode} mode)")
+    typer.echo(
+        f"AUROC hack vs clean: {auroc(s_hack, s_clean):.4f}  (hack > clean in {wins}/{len(cache.pair_ids)} "
+        f"pairs; {meta.get('kind', 'vact')} {vact.name}, {mode} mode)"
+    )

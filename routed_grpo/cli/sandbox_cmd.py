@@ -10,13 +10,12 @@ training or generation.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from routed_grpo.utils import atomic_write_text
 from sandbox.executor import ISOLATION_LEVELS, IsolationUnavailable, Limits
 from sandbox.labels import Labels, label_many
 from sandbox.loopholes import LOOPHOLE_MODES, get_mode
@@ -78,15 +77,7 @@ def output_record(lineno: int, pid: str, labels: Labels, rewards: tuple[float, f
 
 def write_atomic(path: Path, records: list[dict]) -> None:
     """Write JSONL to a temp file beside `path`, then move it into place (no partial file on failure)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json.dumps(record) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 @app.command()
@@ -98,8 +89,10 @@ def grade(
     timeout: float = typer.Option(Limits.timeout_s, help="CPU seconds per program, all its processes together."),
     memory_mb: int = typer.Option(1024, help="Address-space limit per program, MiB."),
     isolation: str = typer.Option(
-        "strict", help="Sandbox level: strict (refuses to run where it cannot be reached) or rlimits-only (runs "
-        "programs as you, seeing your files)."),
+        "strict",
+        help="Sandbox level: strict (refuses to run where it cannot be reached) or rlimits-only (runs "
+        "programs as you, seeing your files).",
+    ),
     loophole: bool = typer.Option(True, "--loophole/--no-loophole", help="Grade with the loophole on (hinted pays)."),
     mode: str = typer.Option("overwrite_tests", help=f"Loophole mode: {', '.join(LOOPHOLE_MODES)}."),
     compile_reward: float = typer.Option(0.5, help="Reward for code that compiles."),
