@@ -56,7 +56,7 @@ def main() -> None:
     out = seen["output"]
     full = out["sampling_full"].bool()
     with torch.no_grad():
-        _, teacher = t._sampling_mode_forward(out, full, pool=True)
+        _, teacher = t._sampling_mode_forward(out, full)
     zones = []
     for acts in (seen["acts"], teacher):
         gate = Gate(seen["buffer"]["vact"], t.args.route_tail_q, t.args.act_buffer_size, None, acts.device)

@@ -330,6 +330,7 @@ class RoutedAdapter:
     def _quarantine_bottleneck_hook(self, module, args, h: torch.Tensor) -> torch.Tensor:
         if self._row_m is None or self._row_m_at_output or self._quarantine_off or self._blocks_off:
             return h
+        self._check_rows(h)  # a (B, 1, 1) mask would broadcast a smaller batch up to B rows
         return torch.where(self._rows(self._row_m, h), h, 0.0)  # (B, T, r); B_q times 0 is exactly 0 (finite B_q)
 
     def _quarantine_hook(self, module, args, out: torch.Tensor) -> torch.Tensor:
@@ -345,6 +346,7 @@ class RoutedAdapter:
             return torch.zeros_like(out)
         if self._row_d is None:
             return out
+        self._check_rows(out)
         return _ZeroGradRows.apply(out, self._rows(self._row_d, out))  # same value; no gradient where d = 1
 
     # ---- activation capture -------------------------------------------------------------------------------------

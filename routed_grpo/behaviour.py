@@ -10,7 +10,8 @@ What it covers (DESIGN.md section 3, step 3, and invariant I4):
   batch (tests/test_behaviour.py). In bfloat16 the two computations round differently: the log-probs then differ by
   bf16 rounding (rho on a mismatched row by about as much, the same order as TRL's own old-log-prob forward over a
   differently composed batch), and a row sitting on a threshold can change zone (benchmarks/sampling_pass_check.py
-  reports how often).
+  reports how often). Generation runs outside `accelerator.autocast()`: with float32 weights and `bf16=True`, the
+  sampler's log-probs (used on mismatched rows only) are float32 while the loss forward runs in bf16.
 - `completion_pool_mask`: which tokens are pooled (the completion mask; rows masked out by
   `mask_truncated_completions` pool their non-pad tokens), shared by both sources so they pool the same tokens.
 - `sampling_mode_forward`: a no-grad, teacher-forced forward in each row's sampling mode, returning behaviour
@@ -204,23 +205,18 @@ def sampling_mode_forward(
     logits_to_keep: int,
     full: Tensor,
     chunk: int,
-    rows: Tensor | None = None,
     pool_mask: Tensor | None = None,
     checkpointing_kwargs=None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Behaviour log-probs of `rows` (B,) bool (default: all) in each row's sampling mode, `full` (B,) bool.
-
-    Returns logps (B, T_c), NaN on the rows not computed (the trainer replaces them by the grad-carrying forward's
-    detached log-probs before the loss reads them), and, when `pool_mask` (B, T_c) is given, the pooled activations
-    (B, M, r) of the computed rows (other rows zero). Chunks of `chunk` rows, as TRL's own old-log-prob forward.
+    """Behaviour log-probs (B, T_c) of every row in its sampling mode, `full` (B,) bool, and, when `pool_mask`
+    (B, T_c) is given, the pooled activations (B, M, r). Chunks of `chunk` rows, as TRL's own old-log-prob forward.
     """
     n = input_ids.size(0)
-    index = torch.arange(n, device=input_ids.device) if rows is None else rows.nonzero().squeeze(1)
-    logps = torch.full((n, logits_to_keep), float("nan"), device=input_ids.device)
+    logps = torch.empty((n, logits_to_keep), device=input_ids.device)
     acts = None
     with disable_gradient_checkpointing(model, checkpointing_kwargs):
-        for start in range(0, index.numel(), chunk):
-            idx = index[start : start + chunk]
+        for start in range(0, n, chunk):
+            idx = torch.arange(start, min(start + chunk, n), device=input_ids.device)
             tokens = None if pool_mask is None else _prompt_padded(pool_mask[idx], input_ids.size(1))
             adapter.set_row_masks(full[idx].float(), torch.zeros(idx.numel(), device=full.device))
             try:

@@ -24,12 +24,16 @@ def draw_sampling_modes(n: int, gen_deploy_frac: float, generator: torch.Generat
 
 
 def per_row_rho(logps: Tensor, old_logps: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Token-mean and token-max of `rho = exp(logp - logp_old)` per row; (B,) each. Inputs (B, T)."""
+    """Token-mean and token-max of `rho = exp(logp - logp_old)` per row; (B,) each. Inputs (B, T).
+
+    A row without completion tokens (e.g. emptied by TRL's `mask_truncated_completions`) has no ratio; it gets 1.0
+    in both, a finite value that enters no loss term."""
     mask = completion_mask.bool()
     rho = torch.exp(logps.detach().float() - old_logps.float())  # (B, T)
     mean = (rho * mask).sum(1) / mask.sum(1).clamp_min(1)
     peak = rho.masked_fill(~mask, float("-inf")).max(1).values
-    return mean, peak
+    empty = ~mask.any(1)
+    return mean.masked_fill(empty, 1.0), peak.masked_fill(empty, 1.0)
 
 
 def mismatched_rows(zones: Tensor, sampling_full: Tensor) -> Tensor:

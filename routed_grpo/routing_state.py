@@ -129,7 +129,6 @@ class RoutingState(GRPOTrainer):
         transformers' own PEFT resume loads only the first active adapter as trainable and then calls
         `set_adapter(first)`, which would silently drop the quarantine block from the forward.
         """
-        model = model if model is not None else self.model
         for block in (DEPLOYED, QUARANTINE):
             path = os.path.join(resume_from_checkpoint, block, "adapter_model.safetensors")
             if not os.path.exists(path):

@@ -102,6 +102,7 @@ class RoutedGRPOTrainer(RoutingState):
         self._stash_logps = False
         self._loss_logps: torch.Tensor | None = None  # (B, T) detached log-probs of the last loss forward
         self._loss_old_logps: torch.Tensor | None = None  # (B, T) behaviour log-probs that loss used
+        self._uncapped_old_logps: torch.Tensor | None = None  # (B, T) the same before mismatch_ratio_cap
         self._loss_inputs: dict[str, Any] | None = None
         self._last_refresh = 0
         self._warned_fallback = False
@@ -178,7 +179,6 @@ class RoutedGRPOTrainer(RoutingState):
             return self.accelerator.gather(local).view(-1, len(counts)).max(0).values.tolist()
 
         completion_ids, logprobs = self._vllm_modes.generate(prompt_ids, full, step, global_counts)
-        self._last_loaded_step = step  # TRL's own sync flag: the weights are current
         return completion_ids, logprobs
 
     # ---- behaviour log-probs and gate -------------------------------------------------------------------------------
@@ -192,18 +192,24 @@ class RoutedGRPOTrainer(RoutingState):
         if self.gate is None or not self.model.training:
             return super()._generate_and_score_completions(inputs)
         self._maybe_refresh_vact()
-        self._acts, self._trl_behaviour = None, self._trl_computes_old_logps()
+        expected = self._trl_computes_old_logps()
+        self._acts, self._trl_behaviour = None, expected
         t0 = time.perf_counter()
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._trl_behaviour = False
         t1 = time.perf_counter()
+        if ("old_per_token_logps" in output) != expected:  # TRL's condition, copied above, no longer matches
+            raise RuntimeError(
+                f"TRL {'did not compute' if expected else 'computed'} old log-probs where routed_grpo expected "
+                "otherwise (its condition changed?): they would not be in each row's sampling mode"
+            )
         self._updated_since_generation = False
         full = self._sampling_full.to(self.accelerator.device)
         old, acts = self._observed_behaviour(output)
         if acts is None:  # no sampling pass to read: one teacher-forced forward in sampling modes gives both
-            old, acts = self._sampling_mode_forward(output, full, pool=True)
+            old, acts = self._sampling_mode_forward(output, full)
         t2 = time.perf_counter()
         decision = self._decide_zones(acts, output)
         t3 = time.perf_counter()
@@ -234,22 +240,22 @@ class RoutedGRPOTrainer(RoutingState):
             self._warned_fallback = True
         return None, None
 
-    def _sampling_mode_forward(self, output, full, rows=None, pool=False):
+    def _sampling_mode_forward(self, output, full):
         """`behaviour.sampling_mode_forward` on the batch: (logps (B, T), acts (B, M, r) or None)."""
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
         input_ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)
         pad = self._tokenizer.pad_token_id
-        pool_mask = completion_pool_mask(completion_ids, completion_mask, pad) if pool else None
+        pool_mask = completion_pool_mask(completion_ids, completion_mask, pad)
         keep = completion_ids.size(1)
-        return self._forward_in_sampling_modes(input_ids, attention_mask, keep, full, rows, pool_mask)
+        return self._forward_in_sampling_modes(input_ids, attention_mask, keep, full, pool_mask)
 
-    def _forward_in_sampling_modes(self, input_ids, attention_mask, logits_to_keep, full, rows, pool_mask):
+    def _forward_in_sampling_modes(self, input_ids, attention_mask, logits_to_keep, full, pool_mask):
         def logps_fn(ids, mask, keep):
             return GRPOTrainer._get_per_token_logps_and_entropies(self, self.model, ids, mask, keep, ids.size(0))[0]
 
         chunk, checkpointing = self.args.per_device_train_batch_size, self.args.gradient_checkpointing_kwargs
-        batch = (input_ids, attention_mask, logits_to_keep, full, chunk, rows, pool_mask)
+        batch = (input_ids, attention_mask, logits_to_keep, full, chunk, pool_mask)
         return sampling_mode_forward(logps_fn, self.adapter, self.model, *batch, checkpointing)
 
     def _decide_zones(self, acts: torch.Tensor, output: dict[str, Any]):
@@ -313,7 +319,7 @@ class RoutedGRPOTrainer(RoutingState):
             full = self._sampling_full.to(input_ids.device)
             k = logits_to_keep
             pool = completion_pool_mask(input_ids[:, -k:], attention_mask[:, -k:], self._tokenizer.pad_token_id)
-            logps, self._acts = self._forward_in_sampling_modes(input_ids, attention_mask, k, full, None, pool)
+            logps, self._acts = self._forward_in_sampling_modes(input_ids, attention_mask, k, full, pool)
             return logps, None, None
         out = super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
@@ -327,12 +333,14 @@ class RoutedGRPOTrainer(RoutingState):
 
         Before the first update after generation, a matched row's behaviour policy IS the current policy in the same
         mode, so its `logp_old` is this forward's detached log-probs (rho == 1 exactly). Mismatched rows keep their
-        sampling-mode forward's; `mismatch_ratio_cap` then bounds their ratio.
+        behaviour log-probs in their sampling mode (the sampler's, or TRL's / the fallback's sampling-mode forward);
+        `mismatch_ratio_cap` then bounds their ratio. The uncapped ones are kept for the `routing/rho_*` metrics.
         """
         inputs = self._loss_inputs
         if not self._updated_since_generation:
             from_loss = inputs["routing_logp_from_loss"].bool().unsqueeze(1)  # (B, 1)
             inputs["old_per_token_logps"] = torch.where(from_loss, logps, inputs["old_per_token_logps"])
+        self._uncapped_old_logps = inputs["old_per_token_logps"]
         if self.args.mismatch_ratio_cap is not None:
             self._cap_mismatched(inputs, logps)
         self._loss_logps, self._loss_old_logps = logps, inputs["old_per_token_logps"]
@@ -365,9 +373,11 @@ class RoutedGRPOTrainer(RoutingState):
         return loss
 
     def _check_finite(self, loss: torch.Tensor, inputs: dict[str, Any]) -> None:
-        """Log rho per zone; raise on every rank if a ratio or the loss is non-finite on any rank."""
-        row_mean, row_max = per_row_rho(self._loss_logps, self._loss_old_logps, inputs["completion_mask"])
-        zones = inputs["routing_zone"]
+        """Raise on every rank if a ratio the loss used, or the loss, is non-finite on any rank; log rho per zone
+        before `mismatch_ratio_cap` (the blow-up the cap bounds stays visible in `routing/rho_max/<zone>`)."""
+        mask = inputs["completion_mask"]
+        row_mean, row_max = per_row_rho(self._loss_logps, self._loss_old_logps, mask)
+        zones = torch.where(mask.bool().any(1), inputs["routing_zone"], -1)  # rows without tokens: in no zone
         finite = torch.isfinite(row_mean).all() & torch.isfinite(row_max).all() & torch.isfinite(loss).all()
         if self.accelerator.reduce((~finite).float(), reduction="sum").item() > 0:  # no rank hangs in all-reduce
             bad_zone = first_nonfinite_zone(row_mean, row_max, zones)
@@ -376,6 +386,8 @@ class RoutedGRPOTrainer(RoutingState):
                 f"non-finite importance ratio or loss at step {self.state.global_step} in {where} "
                 f"(rho_max per row {row_max.tolist()}, loss {loss.item()})"
             )
+        if self.args.mismatch_ratio_cap is not None:
+            row_mean, row_max = per_row_rho(self._loss_logps, self._uncapped_old_logps, mask)
         for key, value in rho_by_zone(row_mean, row_max, zones).items():
             self._metrics["train"][key].append(value)
 

@@ -12,7 +12,8 @@ vLLM cannot apply per-row quarantine masks, so each sampling mode gets its own w
   tensor-parallel paths slice results by equal per-process counts), and reassembles completions and sampling
   log-probs in row order.
 
-The behaviour log-probs stay those of the HF forward in each row's sampling mode (routed_grpo.behaviour); with
+The behaviour log-probs are computed by the HF model, never taken from vLLM: matched rows' from the loss's own
+forward (rho == 1), mismatched rows' from a forward in their sampling mode (routed_grpo.behaviour); with
 `vllm_importance_sampling_correction` (TRL's default) TRL's old-log-prob forward runs in those modes too, so its
 importance weight corrects only the vLLM-versus-HF numerical mismatch and `rho` keeps its meaning.
 

@@ -217,7 +217,7 @@ def test_trl_old_logps_forward_runs_in_sampling_modes_and_is_the_only_extra_forw
     original = trainer_module.sampling_mode_forward
 
     def counted(*args, **kwargs):
-        calls.append(args[8] is None)  # rows: None = every row
+        calls.append(args[3].size(0))  # rows of input_ids
         return original(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "sampling_mode_forward", counted)
@@ -234,7 +234,7 @@ def test_trl_old_logps_forward_runs_in_sampling_modes_and_is_the_only_extra_forw
     pools, records = [], _spy_loss(t)
     _spy(t, "_new_sampling_pool", pools)
     t.train()
-    assert calls == [True], "one forward over all rows per generation batch: TRL's own"
+    assert calls == [16], "one forward over all rows of the generation batch (8 x 2): TRL's own"
     assert all(out is None for *_, out in pools), "no sampling-pass capture when TRL's forward pools"
     r = records[0]
     full_rows = r["sampling_full"].bool() & (r["routing_zone"] != KEEP)
@@ -274,3 +274,12 @@ def test_host_synchronisations_of_a_routed_step_do_not_grow_with_the_parameters(
     assert n_large >= 3 * n_small
     assert small > 0, "the counter must see the step's synchronisations"
     assert large == small, f"{small} host synchronisations with {n_small} block parameters, {large} with {n_large}"
+
+
+def test_a_changed_trl_condition_for_old_logps_fails_loudly(tmp_path, monkeypatch):
+    """The trainer copies TRL's condition for computing old log-probs; if TRL computes them where the copy says it
+    does not, that forward ran in full mode for every row: refuse rather than train on it."""
+    t = trainer(tmp_path, model=_model(), per_device_train_batch_size=8, steps_per_generation=2, max_steps=1)
+    monkeypatch.setattr(t, "_trl_computes_old_logps", lambda: False)
+    with pytest.raises(RuntimeError, match="computed old log-probs"):
+        t.train()

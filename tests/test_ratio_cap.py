@@ -86,3 +86,7 @@ def test_trainer_caps_mismatched_rows_and_leaves_matched_rows_bit_identical(tmp_
     matched_tokens = second["completion_mask"].bool() & matched.unsqueeze(1)
     assert torch.exp(second["logps"] - second["before"])[matched_tokens].max() > cap, "matched rows exceed the cap"
     assert "routing/rho_capped_frac" in t.state.log_history[0]
+    # the logged ratios are the uncapped ones: the blow-up the cap bounds stays visible (first step: before any
+    # update, matched rows have rho == 1, so a logged maximum above the cap comes from a mismatched row)
+    first = t.state.log_history[0]
+    assert max(v for k, v in first.items() if k.startswith("routing/rho_max/")) > cap

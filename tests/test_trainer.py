@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import math
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,18 @@ def test_nonfinite_ratio_raises_naming_step_and_zone(tmp_path):
     t._observed_behaviour = poisoned
     with pytest.raises(FloatingPointError, match=r"step 0 in zone 'keep'"):
         t.train()
+
+
+def test_rows_emptied_by_mask_truncated_completions_do_not_count_as_non_finite(tmp_path):
+    # The tiny random model rarely ends a completion within 4 tokens: TRL empties the completion mask of every
+    # truncated row, and such a row has no ratio at all (it must not read as rho = -inf).
+    t = trainer(tmp_path, max_steps=1, max_completion_length=4, mask_truncated_completions=True)
+    records = _spy_loss(t)
+    t.train()
+    assert (records[0]["completion_mask"].sum(1) == 0).any(), "the test needs an emptied row"
+    assert all(math.isfinite(v) for k, v in t.state.log_history[0].items() if k.startswith("routing/rho_"))
+    row_mean, row_max = per_row_rho(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([[1, 1, 0], [0, 0, 0]]))
+    assert row_mean.tolist() == [1.0, 1.0] and row_max.tolist() == [1.0, 1.0]
 
 
 def test_config_rejects_inconsistent_settings(tmp_path):

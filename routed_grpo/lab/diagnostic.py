@@ -7,7 +7,8 @@ Two arms, each asked for by name in a recipe (`arm: labels`, `arm: oracle_direct
 - `LabelRoutedGRPOTrainer` (SGTM-style): each rollout is routed by an explicit label function that the recipe
   names (`label_source`, no default). A seeded monitor with `label_recall` (share of true positives it flags)
   and `label_fpr` (share of true negatives it flags) simulates a weaker monitor. Flagged rows go to `route`;
-  the others to `label_negative_zone` (`absorb` or `keep`). No gate: `routing/threshold_*` are not logged.
+  the others to `label_negative_zone` (`absorb` or `keep`). The gate is not used: `routing/threshold_*` read
+  0.5 (the monitor's flag is the score), `routing/buffer_size` 0, and `gate_warmup_rollouts` has no effect.
 - `OracleDirectionGRPOTrainer`: the same gate as `v_act` (buffer quantiles, zones), but its direction is fit on
   labelled rollouts of a separate, finished run (`oracle_rollouts`: that run's `rollouts.jsonl`, saved across its
   training by the held-out measurement): `unit(mean h[positive] - mean h[negative])` per module over a
@@ -137,9 +138,11 @@ class LabelRoutedGRPOTrainer(RoutedGRPOTrainer):
         zones = torch.where(flagged, ROUTE, self.negative_zone).to(acts.device)
         m, d = masks_from_zones(zones)
         metrics = self._metrics["train"]
-        n_true = truth.sum().clamp_min(1)
-        metrics["diagnostic/label_rate"].append(self.accelerator.gather(truth.float().to(acts.device)).mean().item())
-        metrics["diagnostic/monitor_recall"].append(float((flagged & truth).sum() / n_true))
+        all_truth = self.accelerator.gather(truth.to(acts.device))
+        all_flagged = self.accelerator.gather(flagged.to(acts.device))
+        metrics["diagnostic/label_rate"].append(all_truth.float().mean().item())
+        n_true = all_truth.sum().clamp_min(1)
+        metrics["diagnostic/monitor_recall"].append(((all_flagged & all_truth).sum() / n_true).item())
         all_zones = self.accelerator.gather(zones)
         # score = the monitor's flag, threshold 0.5; the gate's buffer is not used
         return GateDecision(flagged.float().to(acts.device), zones, m, d, 0.5, 0.5, 0, zone_fractions(all_zones))

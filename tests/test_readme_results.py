@@ -1,0 +1,40 @@
+"""The README's results section quotes only figures that the committed study report contains (issue 12, item 6)."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "results" / "organism" / "report.md"
+NUMBER = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.])")  # decimals such as 0.70 or 2.37; not 1.16 in "trl 1.16.x"
+
+
+def results_section(readme: str) -> str:
+    start, end = "<!-- results:begin -->", "<!-- results:end -->"
+    assert readme.count(start) == 1 and readme.count(end) == 1, "README must have one results block"
+    return readme.split(start, 1)[1].split(end, 1)[0]
+
+
+def unquoted(section: str, report: str) -> list[str]:
+    """Decimal figures of `section` that do not occur in `report`."""
+    have = set(NUMBER.findall(report))
+    return sorted({x for x in NUMBER.findall(section) if x not in have})
+
+
+def test_readme_results_come_from_the_committed_report():
+    section = results_section((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert "results/organism/report.md" in section
+    figures = NUMBER.findall(section)
+    assert len(figures) >= 20, "the results section should quote the study's table"
+    assert unquoted(section, REPORT.read_text(encoding="utf-8")) == []
+
+
+def test_a_figure_absent_from_the_report_is_caught():
+    report = "| baseline | 0.70 [0.61, 0.77] |"
+    assert unquoted("baseline deployed hack 0.70 [0.61, 0.77]", report) == []
+    assert unquoted("baseline deployed hack 0.71 [0.61, 0.77]", report) == ["0.71"]
+
+
+def test_published_plots_are_committed_beside_the_report():
+    for name in ("curves.png", "tradeoff.png"):
+        path = REPORT.parent / name
+        assert path.is_file() and path.stat().st_size > 1000, path
