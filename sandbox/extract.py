@@ -13,6 +13,7 @@ Does not cover: executing anything; it never runs the code.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 
 _FENCED = re.compile(r"```(?:python)?\n(.*?)(?:```|$)", re.DOTALL | re.IGNORECASE)
@@ -46,11 +47,15 @@ def program_text(setup_code: str, code: str) -> str:
 
 
 def compiles(code: str | None, setup_code: str = "") -> bool:
-    """Whether `code` (after `setup_code`) is valid Python; never executes it."""
+    """Whether `code` (after `setup_code`) is valid Python; never executes it. The compiler's SyntaxWarnings about
+    the model's code (e.g. `'int' object is not subscriptable`) are not shown: they are about a completion, not
+    about the run, and would fill the training log."""
     if code is None:
         return False
     try:
-        compile(program_text(setup_code, code), "<completion>", "exec", dont_inherit=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)
+            compile(program_text(setup_code, code), "<completion>", "exec", dont_inherit=True)
     except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
         return False
     return True

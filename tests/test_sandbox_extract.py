@@ -38,3 +38,12 @@ def test_compiles():
     # a __future__ import after the setup code fails as it does when the program runs
     assert compiles("from __future__ import annotations\nx = 1")
     assert not compiles("from __future__ import annotations\nx = 1", setup_code="import math\n")
+
+
+def test_compiler_warnings_about_a_completion_are_not_shown():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert compiles("x = 1[0]\ny = 1 is 1")  # valid Python; the compiler warns about both lines
+    assert not [w for w in seen if issubclass(w.category, SyntaxWarning)]

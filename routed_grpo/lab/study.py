@@ -262,11 +262,12 @@ def execute(
 
 def run_job(job_file: str | Path) -> int:
     """Child process: train one run from its recipe arguments, evaluate it, write `study.json` last."""
-    from routed_grpo.lab.evaluation import evaluate_run
-    from routed_grpo.lab.experiment import parse_recipe, run_experiment
     from routed_grpo.utils import quiet_known_noise
 
-    quiet_known_noise()
+    quiet_known_noise()  # before the imports below: bitsandbytes logs its CPU-kernel notice when imported
+    from routed_grpo.lab.evaluation import evaluate_run
+    from routed_grpo.lab.experiment import parse_recipe, run_experiment
+
     job = json.loads(Path(job_file).read_text())
     t0 = time.time()
     script, training, model_args = parse_recipe(job["argv"])
