@@ -107,3 +107,16 @@ def test_tiny_study_end_to_end_then_resumes_without_rerunning(tmp_path, tiny_rec
     assert config["diagnostic"]["label_recall"] == 0.5
     second = CliRunner().invoke(app, argv)
     assert second.exit_code == 0 and "ran 0, skipped 2" in second.output
+
+
+def test_report_names_a_run_whose_ratio_cap_is_not_todays_default():
+    from routed_grpo.config import RoutedGRPOConfig
+    from routed_grpo.lab.report import arm_name
+
+    default = RoutedGRPOConfig.__dataclass_fields__["mismatch_ratio_cap"].default
+    spec = {"spec": {"name": "routed"}}
+    assert arm_name({"arm": "routed", "training": {"mismatch_ratio_cap": default}}, spec) == "routed"
+    assert arm_name({"arm": "routed", "training": {"mismatch_ratio_cap": None}}, spec) == "routed@cap=None"
+    capped = {"spec": {"name": "routed@cap=10"}}
+    assert arm_name({"arm": "routed", "training": {"mismatch_ratio_cap": 10}}, capped) == "routed@cap=10"
+    assert arm_name({"arm": "baseline", "training": {"mismatch_ratio_cap": None}}, {}) == "baseline"

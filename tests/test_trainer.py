@@ -217,7 +217,9 @@ def test_resume_restores_buffer_thresholds_vact_and_sampling_rng(tmp_path):
 
 
 def test_nonfinite_ratio_raises_naming_step_and_zone(tmp_path):
-    t = trainer(tmp_path, max_steps=1)  # gen_deploy_frac 0: forced keep rows are mismatched (full-sampled)
+    # gen_deploy_frac 0: forced keep rows are mismatched (full-sampled); without the ratio cap, which would bound
+    # a -inf behaviour log-prob
+    t = trainer(tmp_path, max_steps=1, mismatch_ratio_cap=None)
     _force_zone(t, KEEP)
     original = t._observed_behaviour
 

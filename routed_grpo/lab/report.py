@@ -63,6 +63,20 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def arm_name(config: dict[str, Any], study: dict[str, Any]) -> str:
+    """The row name of a run: its study spec (e.g. `routed@cap=4`), or its arm; a routed run whose
+    `mismatch_ratio_cap` differs from today's default says so, so rows of runs made before a default changed
+    cannot pass for today's default."""
+    from routed_grpo.config import RoutedGRPOConfig
+
+    name = study.get("spec", {}).get("name", config["arm"])
+    default = RoutedGRPOConfig.__dataclass_fields__["mismatch_ratio_cap"].default
+    cap = config.get("training", {}).get("mismatch_ratio_cap", default)
+    if config["arm"] != "baseline" and cap != default and "cap=" not in name:
+        name += f"@cap={cap}"
+    return name
+
+
 def summarise_run(run_dir: str | Path) -> dict[str, Any]:
     """The numbers of one finished and evaluated run."""
     run_dir = Path(run_dir)
@@ -77,7 +91,7 @@ def summarise_run(run_dir: str | Path) -> dict[str, Any]:
     routed = config["arm"] != "baseline"
     return {
         "run_dir": str(run_dir),
-        "arm": study.get("spec", {}).get("name", config["arm"]),
+        "arm": arm_name(config, study),
         "base_arm": config["arm"],
         "diagnostic": config.get("diagnostic"),
         "seed": config["training"]["seed"],
