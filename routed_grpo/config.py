@@ -68,7 +68,7 @@ class RoutedGRPOConfig(GRPOConfig):
             log-probs become `max(logp_old, logp - log(cap))`, so the ratio is `min(rho, cap)` and the gradient
             keeps its direction. None: no bound (the method as DESIGN.md states it). The default comes from the
             organism study (README, "Results"): without a bound, 3 of the 9 routed, placebo and oracle-direction
-            runs collapsed after `routing/rho_max/keep` reached 385-1,230 (reward 0, nothing compiles); with 4,
+            runs collapsed after `routing/rho_max/keep` reached 385-1,233 (reward 0, nothing compiles); with 4,
             none of the 6 routed and placebo runs did.
         adapter_rank (`int`, *optional*, defaults to `8`):
             Rank of each block (the deployed and the quarantine block each have this rank).
