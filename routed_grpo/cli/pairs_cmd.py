@@ -260,18 +260,6 @@ def extract(
     )
 
 
-PLACEBO_KEEP = (
-    "model_name",
-    "adapter_rank",
-    "adapter_alpha",
-    "adapter_targets",
-    "init_seed",
-    "module_names",
-    "adapter_fingerprint",
-    "adapter_fingerprint_parts",
-)
-
-
 @app.command()
 def placebo(
     like: Path = typer.Option(..., "--like", help="A v_act file whose shapes and adapter the placebo copies."),
@@ -279,13 +267,13 @@ def placebo(
     out: Path = typer.Option(..., "--out", help="Output placebo safetensors file."),
 ) -> None:
     """Write a Haar-random placebo direction: uniform on each module's unit sphere, same shapes as --like."""
-    from routed_grpo.vact import VactError, haar_placebo, load_vact, save_vact
+    from routed_grpo.vact import ADAPTER_FIELDS, VactError, haar_placebo, load_vact, save_vact
 
     try:
         reference, meta = load_vact(like)
     except VactError as e:
         fail(str(e))
-    metadata = {k: meta[k] for k in PLACEBO_KEEP if k in meta}
+    metadata = {k: meta[k] for k in ("model_name", *ADAPTER_FIELDS) if k in meta}
     metadata.update({"kind": "placebo", "seed": seed, "like": str(like)})
     save_vact(out, haar_placebo(reference, seed), metadata)
     typer.echo(f"wrote {out}: placebo {tuple(reference.shape)} seed {seed}")

@@ -229,7 +229,7 @@ def supervised_warm_start(model, tokenizer, examples, cfg: OrganismConfig, progr
         sched.step()
         losses.append(loss.item())
         if bar is not None:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             bar.update()
     if bar is not None:
         bar.close()
