@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 
+from sandbox.executor import CheckJob, Limits, execute
 from sandbox.problems import Problem, render_leetcode_question
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +55,7 @@ _STRICT: list = []  # cached: None when the strict level is in force here, else 
 def strict_unavailable_reason() -> str | None:
     """Why the strict isolation level cannot be reached on this machine (None: it can), checked once."""
     if not _STRICT:
-        from sandbox.executor import CheckJob, IsolationUnavailable, execute
+        from sandbox.executor import IsolationUnavailable
 
         try:
             res = execute(CheckJob(code="x = 1", calls=("x",)))
@@ -68,3 +70,16 @@ def require_strict() -> None:
     reason = strict_unavailable_reason()
     if reason is not None:
         pytest.skip(f"hostile programs run only under the strict isolation level, unavailable here: {reason}")
+
+
+# ---- isolation and confinement tests ----
+LIMITS = Limits(timeout_s=2.0, memory_mb=256)
+PYSECCOMP_DIR = os.path.dirname(importlib.util.find_spec("pyseccomp").origin)
+
+
+def job_values(code: str, *calls: str, limits: Limits = LIMITS) -> list:
+    """The values of `calls` after `code`, in one sandboxed job that must run cleanly."""
+    res = execute(CheckJob(code=code, calls=calls), limits)
+    assert res.status == "ok", (res.status, res.error, res.stderr[-500:])
+    assert all(c.ok for c in res.calls), [c.error for c in res.calls]
+    return [c.value for c in res.calls]

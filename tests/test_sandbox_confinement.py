@@ -18,20 +18,11 @@ import tempfile
 import textwrap
 
 import pytest
-from sandbox_helpers import REPO, require_strict
+from sandbox_helpers import LIMITS, PYSECCOMP_DIR, REPO, job_values, require_strict
 
 from sandbox.executor import CheckJob, Limits, execute, execute_many
 
-LIMITS = Limits(timeout_s=2.0, memory_mb=256)
 TOKEN = "confinement-0b7d42"
-PYSECCOMP_DIR = os.path.dirname(__import__("importlib").util.find_spec("pyseccomp").origin)
-
-
-def _values(code: str, *calls: str, limits: Limits = LIMITS) -> list:
-    res = execute(CheckJob(code=code, calls=calls), limits)
-    assert res.status == "ok", (res.status, res.error, res.stderr[-500:])
-    assert all(c.ok for c in res.calls), [c.error for c in res.calls]
-    return [c.value for c in res.calls]
 
 
 def test_path_bound_and_abstract_unix_sockets_of_the_host_are_unreachable():
@@ -59,7 +50,7 @@ def test_path_bound_and_abstract_unix_sockets_of_the_host_are_unreachable():
                 return type(e).__name__
     ''')
     try:
-        values = _values(code, f"reach({path!r})", f"reach({chr(0) + TOKEN!r})")
+        values = job_values(code, f"reach({path!r})", f"reach({chr(0) + TOKEN!r})")
         for s in servers:
             with pytest.raises(BlockingIOError):
                 s.accept()
@@ -77,11 +68,11 @@ def test_nothing_persists_outside_the_job():
         f"import os\ndef drop(d):\n    try:\n        open(os.path.join(d, {TOKEN!r}), 'w').write('x')\n"
         "        return True\n    except OSError:\n        return False\n"
     )
-    first = _values(code, *[f"drop({d!r})" for d in places])
+    first = job_values(code, *[f"drop({d!r})" for d in places])
     assert first[places.index("/tmp")] is True  # the job's private /tmp ...
     for d in places:
         assert not os.path.exists(os.path.join(d, TOKEN)), d
-    later = _values("import os", f"os.path.exists('/tmp/{TOKEN}')")  # ... is empty again for the next job
+    later = job_values("import os", f"os.path.exists('/tmp/{TOKEN}')")  # ... is empty again for the next job
     assert later == [False]
 
 
@@ -232,6 +223,6 @@ def test_denied_system_calls_fail_inside_the_job():
     """)
     if os.uname().machine != "x86_64":
         pytest.skip("the raw syscall numbers below are x86_64's")
-    (got,) = _values(code, "tries()")
+    (got,) = job_values(code, "tries()")
     assert "allowed" not in got.values(), got
     assert got["clone3"] == 38 and got["unshare_user"] == 1 and got["nice"] == 1  # ENOSYS, EPERM, EPERM

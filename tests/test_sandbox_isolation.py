@@ -21,7 +21,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import REPO, require_strict, strict_unavailable_reason
+from sandbox_helpers import LIMITS, PYSECCOMP_DIR, REPO, job_values, require_strict, strict_unavailable_reason
 
 from sandbox.executor import CheckJob, IsolationUnavailable, Limits, execute
 from sandbox.verdict import grade_correct
@@ -40,16 +40,7 @@ STRICT_ROOT = {
     "scrubbed_env",
     "fresh_workdir",
 }
-LIMITS = Limits(timeout_s=2.0, memory_mb=256)
 TOKEN = "isolation-5f3a91"
-PYSECCOMP_DIR = os.path.dirname(__import__("importlib").util.find_spec("pyseccomp").origin)
-
-
-def _values(code: str, *calls: str, limits: Limits = LIMITS) -> list:
-    res = execute(CheckJob(code=code, calls=calls), limits)
-    assert res.status == "ok", (res.status, res.error, res.stderr[-500:])
-    assert all(c.ok for c in res.calls), [c.error for c in res.calls]
-    return [c.value for c in res.calls]
 
 
 def _run_script(python: str, body: str, user: int | None = None, timeout: float = 120) -> dict:
@@ -260,8 +251,8 @@ def test_mounts_are_read_only_and_only_tmp_is_writable():
                     pass
             return hits
     """)
-    (mounts,) = _values(code, "mounts()")
+    (mounts,) = job_values(code, "mounts()")
     rw = sorted(p for p, is_rw in mounts if is_rw)
     assert set(rw) <= {"/proc", "/tmp", "/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"}, rw
-    writable, cwd = _values(code, "writable()", "os.getcwd()", limits=Limits(timeout_s=20.0))
+    writable, cwd = job_values(code, "writable()", "os.getcwd()", limits=Limits(timeout_s=20.0))
     assert set(writable) <= {"/tmp", cwd} and cwd.startswith("/tmp/"), writable
