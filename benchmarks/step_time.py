@@ -7,10 +7,20 @@ All arms run in this one process on the same model weights, tokenizer, prompts a
 trainer per arm and the arms' order rotates from round to round, so machine noise spreads over all arms. Every arm
 carries the same two-block adapter; the stock arm trains it with TRL's `GRPOTrainer`. A step is one optimizer step
 (generation, rewards, gate, loss forward and backward, optimizer), timed from `on_step_begin` to `on_step_end`;
-the figure per arm is the median over all measured steps of all rounds. Peak memory is measured on one extra step
-per arm and round, and the median over rounds is reported: `torch.cuda.max_memory_allocated` on a GPU; on CPU the
-growth of the resident set size during the step (peak minus start, after returning freed heap pages to the OS)
-plus the parameters and optimizer state held across steps.
+the figure per arm is the median over all measured steps of all rounds. Peak memory is measured on extra, untimed
+steps per arm and round, and the median over rounds is reported:
+- on a GPU, `torch.cuda.max_memory_allocated`;
+- on CPU, the same quantity for torch's CPU allocator: the tensors held across steps (parameters, optimizer
+  state, the gate's activation buffer) plus the peak of the bytes allocated during the step and not yet freed, read
+  from `torch.profiler`'s allocation records (`profile_memory=True`), whose running total the CPU allocator keeps
+  exactly. It counts tensors only, and is deterministic for a given computation;
+- also on CPU, on the extra step before (the profiler not yet started), the growth of the resident set size during
+  the step (peak minus start, after returning freed heap pages to the OS) plus the same held bytes (`rss` in the
+  table and `rss_ratio` in the JSON).
+  It includes everything the process touches, but it reads less than the tensors a step holds at once whenever the
+  step reuses freed heap pages that are still resident, and how many there are moves from run to run (the organism's
+  stock step, whose tensors peak at 763 MiB, grew the resident set by 344, 429 and 733 MiB in three runs), so it
+  decides nothing at 10%.
 
 Sizes: `organism` (the CPU model organism's Qwen2 shape, 8 prompts x 8 generations, 64 completion tokens), `large`
 (hidden 512, 8 layers, 1 prompt x 4 generations, 256 completion tokens), `qwen2-0.5b` (Qwen2-0.5B's shape with its
@@ -19,8 +29,8 @@ config with random weights (nothing is downloaded), so completions run to the le
 
 The last line printed is one JSON object, routed over stock per size and fraction:
 `{"step_ratio": {SIZE: {"0": r, "0.5": r}}, "memory_ratio": {SIZE: {"0": r, "0.5": r}}, ...}`, plus the same ratio
-of process CPU time per step (`cpu_step_ratio`: on a machine shared with other jobs it moves less than wall time)
-and tokens per second.
+of process CPU time per step (`cpu_step_ratio`: on a machine shared with other jobs it moves less than wall time),
+the resident-set ratio on CPU (`rss_ratio`) and tokens per second.
 """
 
 from __future__ import annotations
@@ -159,40 +169,52 @@ def load_base(size: Size, state: dict, tokenizer, opts):
 
 
 class StepTimer:
-    """A TrainerCallback timing optimizer steps; measures the peak memory of step `profile_step` when asked."""
+    """A TrainerCallback timing optimizer steps; measures the peak memory of step `memory_step` (on CPU, the resident
+    set of step `memory_step - 1`, before the profiler first runs, is measured too). Those steps are not timed."""
 
-    def __init__(self, profile_step: int | None):
+    def __init__(self, memory_step: int, trainer):
         self.times: list[float] = []
         self.cpu_times: list[float] = []  # process CPU time: what the step cost, less sensitive to other load
-        self.profile_step, self.peak_bytes, self._t0, self._c0, self._rss_before = profile_step, None, 0.0, 0.0, 0
+        self.memory_step, self.trainer = memory_step, trainer
+        self.peak_bytes = self.rss_bytes = None
+        self._t0, self._c0, self._rss_before, self._profiler = 0.0, 0.0, 0, None
 
     def on_step_begin(self, args, state, control, **kw):
         import torch
 
-        if state.global_step == self.profile_step:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+        gpu = torch.cuda.is_available()
+        if gpu:
+            torch.cuda.synchronize()
+        if state.global_step == self.memory_step:
+            if gpu:
                 torch.cuda.reset_peak_memory_stats()
             else:
-                self._rss_before = reset_peak_rss()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+                self._profiler = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+                )
+                self._profiler.__enter__()
+        elif state.global_step == self.memory_step - 1 and not gpu:
+            self._rss_before = reset_peak_rss()
         self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kw):
         import torch
 
-        if torch.cuda.is_available():
+        gpu = torch.cuda.is_available()
+        if gpu:
             torch.cuda.synchronize()
-        if state.global_step - 1 != self.profile_step:
+        step = state.global_step - 1
+        if step == self.memory_step and gpu:
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        elif step == self.memory_step:
+            self._profiler.__exit__(None, None, None)
+            self.peak_bytes = held_bytes(self.trainer) + peak_allocated_during(self._profiler)
+            self._profiler = None
+        elif step == self.memory_step - 1 and not gpu:
+            self.rss_bytes = proc_status_kib("VmHWM") * 1024 - self._rss_before + held_bytes(self.trainer)
+        else:
             self.times.append(time.perf_counter() - self._t0)
             self.cpu_times.append(time.process_time() - self._c0)
-            return
-        if torch.cuda.is_available():
-            self.peak_bytes = torch.cuda.max_memory_allocated()
-        else:  # what the step added at its peak, plus what lives across steps
-            grown = proc_status_kib("VmHWM") * 1024 - self._rss_before
-            self.peak_bytes = grown + held_bytes(kw["model"], kw["optimizer"])
 
     def __getattr__(self, name):  # the other TrainerCallback events: nothing to do
         if name.startswith("on_"):
@@ -214,14 +236,35 @@ def reset_peak_rss() -> int:
     return proc_status_kib("VmRSS") * 1024
 
 
-def held_bytes(model, optimizer) -> int:
-    """Bytes of the parameters and the optimizer state, which live across steps."""
+def held_bytes(trainer) -> int:
+    """Bytes of the tensors that live across steps: parameters, optimizer state, the gate's activation buffer."""
     import torch
 
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    for s in optimizer.state.values():
+    total = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    for s in trainer.optimizer.state.values():
         total += sum(v.numel() * v.element_size() for v in s.values() if isinstance(v, torch.Tensor))
+    gate = getattr(trainer, "gate", None)
+    if gate is not None:
+        total += gate.buffer._data.numel() * gate.buffer._data.element_size()
     return total
+
+
+def peak_allocated_during(profiler) -> int:
+    """Peak of the CPU allocator's running total of bytes allocated while `profiler` ran and not yet freed.
+
+    The CPU allocator reports every allocation and free to the profiler with that total (frees of tensors made
+    before profiling started are not counted, the same in every arm)."""
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    events = walk(profiler.profiler.kineto_results.experimental_event_tree())
+    totals = [e.extra_fields.total_allocated for e in events if hasattr(e.extra_fields, "total_allocated")]
+    if not totals:
+        raise RuntimeError("torch.profiler recorded no CPU allocation (profile_memory=True)")
+    return max(totals)
 
 
 def run_size(name: str, opts, out: Path) -> dict[str, dict]:
@@ -238,20 +281,22 @@ def run_size(name: str, opts, out: Path) -> dict[str, dict]:
         tokenizer.save_pretrained(state["dir"])
     n_params = sum(p.numel() for p in base.parameters())
     del base
-    results = {arm: {"times": [], "cpu_times": [], "peaks": []} for arm in ARMS}
+    results = {arm: {"times": [], "cpu_times": [], "peaks": [], "rss": []} for arm in ARMS}
     arms = list(ARMS)
     for r in range(opts.repeats):
         for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
-            profile_step = opts.warmup + opts.steps  # one extra step per arm and round measures the memory
-            steps = opts.warmup + opts.steps + 1
+            gpu = torch.cuda.is_available()
+            memory_step = opts.warmup + opts.steps + (0 if gpu else 1)  # extra steps per arm and round: the memory
+            steps = memory_step + 1
             trainer = make_trainer(arm, size, state, tokenizer, data, steps, out, opts)
-            timer = StepTimer(profile_step)
+            timer = StepTimer(memory_step, trainer)
             trainer.add_callback(timer)
             trainer.remove_callback(PrinterCallback)  # no metrics dictionary per step on the terminal
             trainer.train()
             results[arm]["times"] += timer.times[opts.warmup :]
             results[arm]["cpu_times"] += timer.cpu_times[opts.warmup :]
             results[arm]["peaks"].append(timer.peak_bytes)
+            results[arm]["rss"].append(timer.rss_bytes)
 
             results[arm]["breakdown"] = breakdown(trainer)
             print(
@@ -267,6 +312,7 @@ def run_size(name: str, opts, out: Path) -> dict[str, dict]:
         res["median"] = statistics.median(res["times"])
         res["cpu_median"] = statistics.median(res["cpu_times"])
         res["peak"] = statistics.median(res["peaks"])
+        res["rss_peak"] = statistics.median(res["rss"]) if None not in res["rss"] else None
         res["tokens_per_s"] = size.prompts * size.generations * size.completion / res["median"]
     results["_params"] = n_params
     return results
@@ -301,7 +347,7 @@ def main() -> None:
         f"device {device}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, bf16={opts.bf16}, "
         f"quant4={opts.quant4}, load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
-    summary = {"step_ratio": {}, "memory_ratio": {}, "cpu_step_ratio": {}, "tokens_per_s": {}}
+    summary = {"step_ratio": {}, "memory_ratio": {}, "cpu_step_ratio": {}, "rss_ratio": {}, "tokens_per_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             res = run_size(name, opts, Path(tmp))
@@ -310,6 +356,7 @@ def main() -> None:
             summary["step_ratio"][name] = {}
             summary["memory_ratio"][name] = {}
             summary["cpu_step_ratio"][name] = {}
+            summary["rss_ratio"][name] = {}
             summary["tokens_per_s"][name] = {"stock": round(stock["tokens_per_s"], 1)}
             for arm, frac in ARMS.items():
                 if frac is None:
@@ -318,6 +365,8 @@ def main() -> None:
                 summary["step_ratio"][name][key] = round(res[arm]["median"] / stock["median"], 3)
                 summary["memory_ratio"][name][key] = round(res[arm]["peak"] / stock["peak"], 3)
                 summary["cpu_step_ratio"][name][key] = round(res[arm]["cpu_median"] / stock["cpu_median"], 3)
+                if stock["rss_peak"] is not None:
+                    summary["rss_ratio"][name][key] = round(res[arm]["rss_peak"] / stock["rss_peak"], 3)
                 summary["tokens_per_s"][name][key] = round(res[arm]["tokens_per_s"], 1)
     load = os.getloadavg()
     print(f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
@@ -332,19 +381,24 @@ def print_table(name: str, res: dict, opts) -> None:
         f"per arm (after {opts.warmup} warm-up), median s/step"
     )
     print(
-        "| arm | s/step | step ratio | CPU s/step | CPU ratio | peak MiB | memory ratio | tokens/s | gen+score "
-        "| behaviour fwd | gate |"
+        "| arm | s/step | step ratio | CPU s/step | CPU ratio | peak MiB | memory ratio | rss MiB | rss ratio "
+        "| tokens/s | gen+score | behaviour fwd | gate |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     stock = res["stock"]
     for arm in ARMS:
         r = res[arm]
         b = r.get("breakdown", {})
         cells = [f"{b[k]:.3f}" if k in b else "-" for k in ("generate_and_score", "behaviour_forward", "gate")]
+        rss = ["-", "-"]
+        if r["rss_peak"] is not None:
+            rss = [f"{r['rss_peak'] / 2**20:.1f}", f"{r['rss_peak'] / stock['rss_peak']:.3f}"]
         print(
             f"| {arm} | {r['median']:.3f} | {r['median'] / stock['median']:.3f} | {r['cpu_median']:.3f} | "
             f"{r['cpu_median'] / stock['cpu_median']:.3f} | {r['peak'] / 2**20:.1f} | "
-            f"{r['peak'] / stock['peak']:.3f} | {r['tokens_per_s']:.0f} | " + " | ".join(cells) + " |"
+            f"{r['peak'] / stock['peak']:.3f} | {rss[0]} | {rss[1]} | {r['tokens_per_s']:.0f} | "
+            + " | ".join(cells)
+            + " |"
         )
 
 

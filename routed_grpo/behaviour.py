@@ -58,8 +58,10 @@ class SamplingPassPool:
 
     A forward pre-hook on the causal LM sees every decode step's input: step 0 is the prompt (not pooled), step k
     feeds completion token k - 1. A token is pooled while its row has not yet emitted an EOS before it, which is
-    exactly TRL's completion (up to and including the first EOS). Two running sums per module, (2, B, r): all such
-    tokens, and those that are not the pad token (for rows whose completion mask TRL empties later).
+    exactly TRL's completion (up to and including the first EOS). Two running sums, (2, B, M, r): all such tokens,
+    and those that are not the pad token (for rows whose completion mask TRL empties later). A decode step's module
+    outputs are only collected while the step runs; one concatenation and one fused multiply-add per step fold them
+    into the sums (not a few tensor operations per module and step).
 
     A forward hook on the LM head keeps each step's last-position logits; when the next step feeds the token sampled
     from them, its log-probability at temperature `temperature` is recorded (TRL's definition of a log-prob: the raw
@@ -76,7 +78,10 @@ class SamplingPassPool:
         self.eos_ids, self.pad_id, self.temperature = list(eos_token_ids), pad_token_id, temperature
         self._logits: Tensor | None = None  # (B, V) last-position logits of the latest step
         self._logps: list[Tensor] = []  # (B,) per fed completion token
-        self.sums: dict[str, Tensor] = {}  # module name -> (2, B, r) float32
+        self.sums: Tensor | None = None  # (2, B, M, r) float32, modules in the order the forward calls them
+        self.order: list[str] = []  # module names in that order (fixed by the first decode step)
+        self._step_names: list[str] = []  # modules called so far in the current decode step
+        self._step_outs: list[Tensor] = []  # their bottlenecks (B, 1, r)
         self.counts: Tensor | None = None  # (2, B) pooled tokens per row
         self._weights: Tensor | None = None  # (2, B, 1) of the current step; None while the prompt runs
         self._finished: Tensor | None = None  # (B,) bool: the row has emitted an EOS
@@ -87,7 +92,10 @@ class SamplingPassPool:
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
-        handles = [self.lm.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
+        handles = [
+            self.lm.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            self.lm.register_forward_hook(lambda *_: self._fold_step()),
+        ]
         head = self.lm.get_output_embeddings()
         if head is None:
             self.problem = "the model has no output embeddings to read the sampling logits from"
@@ -136,12 +144,29 @@ class SamplingPassPool:
     def _add(self, name: str, out: Tensor) -> None:
         if self._weights is None:
             return  # the prompt's forward
-        h = out[:, -1].detach().float()  # (B, r)
-        acc = self.sums.get(name)
-        if acc is None:
-            self.sums[name] = self._weights * h  # (2, B, r)
+        self._step_names.append(name)
+        self._step_outs.append(out)  # (B, 1, r): a decode step feeds one token per row (checked by the pre-hook)
+
+    def _fold_step(self) -> None:
+        """Add the decode step's collected bottlenecks, weighted, to the sums: (2, B, 1, 1) * (B, M, r)."""
+        names, outs = self._step_names, self._step_outs
+        self._step_names, self._step_outs = [], []
+        if not outs or self.problem is not None:
+            return
+        if not self.order:
+            self.order = names
+        if names != self.order or len(set(names)) != len(names):
+            self.problem = "the decode steps did not each call every adapter module once, in the same order"
+            return
+        h = torch.cat(outs, dim=1).detach().float()  # (B, M, r)
+        if h.dim() != 3 or h.shape[1] != len(names):
+            self.problem = f"adapter bottlenecks of a decode step have shape {tuple(outs[0].shape)}, not (B, 1, r)"
+            return
+        weights = self._weights.unsqueeze(-1)  # (2, B, 1, 1)
+        if self.sums is None:
+            self.sums = weights * h
         else:
-            acc.addcmul_(self._weights, h)
+            self.sums.addcmul_(weights, h)
 
     @torch.no_grad()
     def finish(self, completion_ids: Sequence[Sequence[int]], model, checkpointing_kwargs=None) -> None:
@@ -166,12 +191,14 @@ class SamplingPassPool:
         self._step_weights(token)
         with disable_gradient_checkpointing(model, checkpointing_kwargs), self.adapter.stream_capture(self._add):
             self.lm(**kwargs)
+        self._fold_step()
         if not torch.equal(self.counts[0], lengths):
             self.problem = "the pooled token counts differ from the completion lengths"
         self._release()
 
     def _release(self) -> None:
         self._last_kwargs = self._weights = self._logits = None  # drops the sampler's KV cache and logits
+        self._step_names, self._step_outs = [], []
 
     def logps(self, width: int) -> Tensor:
         """(B, width) float32 log-probs of the sampled tokens under the sampling policy (0 past the sampled ones)."""
@@ -185,14 +212,15 @@ class SamplingPassPool:
         if self.problem is not None:
             raise RuntimeError(f"the sampling pass cannot be pooled: {self.problem}")
         names = self.adapter.module_names
-        missing = [n for n in names if n not in self.sums]
-        if missing:
-            raise RuntimeError(f"no activations streamed for {len(missing)} modules, e.g. {missing[0]}")
+        missing = [n for n in names if n not in self.order]
+        if missing or self.sums is None:
+            raise RuntimeError(f"no activations streamed for {len(missing)} modules, e.g. {(missing or names)[0]}")
         empty = (completion_mask.sum(1) == 0).to(self.counts.device)  # (B,)
-        which = empty.long().view(1, -1, 1)  # 0: all completion tokens, 1: their non-pad tokens
         counts = self.counts.gather(0, empty.long().view(1, -1)).squeeze(0).clamp_min(1.0)  # (B,)
-        sums = [self.sums[n].gather(0, which.expand(1, *self.sums[n].shape[1:])).squeeze(0) for n in names]
-        return torch.stack(sums, dim=1) / counts.view(-1, 1, 1)  # (B, M, r)
+        rows = torch.arange(empty.numel(), device=empty.device)
+        sums = self.sums[empty.long(), rows]  # (B, M, r): all completion tokens, or their non-pad tokens
+        index = torch.tensor([self.order.index(n) for n in names], device=sums.device)
+        return sums.index_select(1, index) / counts.view(-1, 1, 1)  # (B, M, r) in module_names order
 
 
 @torch.no_grad()

@@ -103,6 +103,23 @@ def test_sampling_pass_pool_equals_a_teacher_forced_forward():
     assert (acts[~full] - wrong[~full]).abs().max() > 1e-3
 
 
+
+def test_a_module_called_twice_in_a_decode_step_makes_the_pool_unusable_not_wrong():
+    """The pool folds each decode step's bottlenecks in call order; a step that calls an adapter module twice (a
+    shared layer) would pool it twice, so the pool reports a problem and the trainer falls back."""
+    torch.manual_seed(0)
+    adapter = attach_routed_adapter(_model(), rank=4)
+    name = adapter.module_names[1]
+    pool = SamplingPassPool(adapter, EOS_IDS, PAD)
+    again = adapter.layers[name].lora_A[DEPLOYED].register_forward_hook(lambda m, a, out: pool._add(name, out))
+    input_ids = torch.randint(3, 300, (2, 4))
+    with torch.no_grad(), pool.attached():
+        adapter.model.generate(input_ids=input_ids, max_new_tokens=3, do_sample=True, pad_token_id=PAD)
+    again.remove()
+    assert pool.problem is not None and "once" in pool.problem
+    with pytest.raises(RuntimeError, match="cannot be pooled"):
+        pool.pooled(torch.ones(2, 3))
+
 def _spy(t, name, records):
     original = getattr(t, name)
 

@@ -122,4 +122,6 @@ def test_labeler_reuses_the_rewards_execution_results_with_the_same_labels(monke
     labeler = MeasurementLabeler([ADD], workers=2, reuse=log)
     assert labeler(completions=completions, **columns) == fresh
     assert labeler.n_reused == 6, "every row was graded by the reward already"
-    assert sum(ran) == 2 * 3, "only the stub and canonical probes of the three rows defining run_tests"
+    # Three rows define run_tests; only the loophole-off wrong one can be an attempted hack (the hinted one and
+    # the correct one cannot, whatever their run_tests does), so only its stub and canonical probes run.
+    assert ran == [2], "only the stub and canonical probes of the one row neither correct nor hinted"
