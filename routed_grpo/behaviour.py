@@ -153,9 +153,9 @@ class SamplingPassPool:
         self._step_names, self._step_outs = [], []
         if not outs or self.problem is not None:
             return
-        if not self.order:
-            self.order = names
-        if names != self.order or len(set(names)) != len(names):
+        if not self.order and len(set(names)) == len(names):
+            self.order = names  # fixed once; later steps must repeat it exactly
+        if names != self.order:
             self.problem = "the decode steps did not each call every adapter module once, in the same order"
             return
         h = torch.cat(outs, dim=1).detach().float()  # (B, M, r)
