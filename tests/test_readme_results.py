@@ -1,17 +1,22 @@
-"""The README's results section quotes only figures that the committed study report contains (issue 12, item 6)."""
+"""The results sections of the README and docs/organism.md quote only figures that the committed study report contains
+(issue 12, item 6; issue 19, item 8)."""
 
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "results" / "organism" / "report.md"
+# Each file holds one results block: the README's headline and the full results in the organism's docs page.
+QUOTING = ["README.md", "docs/organism.md"]
 NUMBER = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.])")  # decimals such as 0.70 or 2.37; not 1.16 in "trl 1.16.x"
 
 
-def results_section(readme: str) -> str:
+def results_section(text: str) -> str:
     start, end = "<!-- results:begin -->", "<!-- results:end -->"
-    assert readme.count(start) == 1 and readme.count(end) == 1, "README must have one results block"
-    return readme.split(start, 1)[1].split(end, 1)[0]
+    assert text.count(start) == 1 and text.count(end) == 1, "the file must have one results block"
+    return text.split(start, 1)[1].split(end, 1)[0]
 
 
 def unquoted(section: str, report: str) -> list[str]:
@@ -20,8 +25,9 @@ def unquoted(section: str, report: str) -> list[str]:
     return sorted({x for x in NUMBER.findall(section) if x not in have})
 
 
-def test_readme_results_come_from_the_committed_report():
-    section = results_section((ROOT / "README.md").read_text(encoding="utf-8"))
+@pytest.mark.parametrize("name", QUOTING)
+def test_results_come_from_the_committed_report(name):
+    section = results_section((ROOT / name).read_text(encoding="utf-8"))
     assert "results/organism/report.md" in section
     figures = NUMBER.findall(section)
     assert len(figures) >= 20, "the results section should quote the study's table"
