@@ -19,6 +19,7 @@ from routed_grpo.utils import atomic_write_bytes
 app = typer.Typer(no_args_is_help=True)
 DEMO_ARMS = "baseline,placebo,routed,labels"
 STUDY_ARMS = "baseline,placebo,routed,oracle_direction,labels"
+STUDY_SEEDS = "0,1,2,3,4"
 
 
 def _fail(err: Exception | str) -> None:
@@ -36,16 +37,18 @@ def _env() -> None:
 def eval_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory written by recipes/train.py."),
     n: int = typer.Option(None, "--n", help="Held-out problems (default: the recipe's eval_n)."),
+    samples: int = typer.Option(None, help="Completions per problem (default: the recipe's eval_samples)."),
     seed: int = typer.Option(1234, help="Sampling seed of the evaluation."),
     workers: int = typer.Option(2, help="Parallel sandbox runs."),
     as_json: bool = typer.Option(False, "--json", help="Print eval.json instead of the table."),
 ) -> None:
-    """Deployed (quarantine ablated) and full hack/solve/compile rates on held-out problems; writes eval.json."""
+    """Deployed (quarantine ablated) and full hack/solve/compile rates on held-out problems; writes eval.json and
+    rewrites the run's model card (README.md) with the figures."""
     _env()
     from routed_grpo.lab.evaluation import eval_table, evaluate_run
 
     try:
-        result = evaluate_run(run_dir, n=n, seed=seed, workers=workers, progress=True)
+        result = evaluate_run(run_dir, n=n, seed=seed, workers=workers, progress=True, samples=samples)
     except (OSError, ValueError, KeyError) as err:  # OSError: transformers cannot resolve the base model id
         _fail(err)
     typer.echo(json.dumps(result, indent=2) if as_json else eval_table(result))
@@ -121,7 +124,9 @@ def study(
         help="Arms, comma-separated; variants as arm@key=value[,key=value] (e.g. labels@0.7, "
         "labels@recall=0.9,fpr=0.05, routed@cap=10, routed@exclude=mode:weak_asserts).",
     ),
-    seeds: str = typer.Option("0,1,2", help="Training seeds, comma-separated."),
+    seeds: str = typer.Option(
+        STUDY_SEEDS, help="Training seeds, comma-separated (5 by default: the smallest sign-flip p is then 0.0625)."
+    ),
     jobs: int = typer.Option(2, help="Runs side by side (each uses one core)."),
     steps: int = typer.Option(None, help="Override max_steps of every recipe."),
     eval_n: int = typer.Option(None, help="Held-out problems per deployment evaluation (default: the recipe's)."),
@@ -153,5 +158,5 @@ def demo(
     script, _, _ = parse_recipe(["--config", str(ORGANISM_RECIPES / "baseline.yaml")])
     build_organism(organism_dir, seed=script.organism_seed, progress=True, **(script.organism_settings or {}))
     _study(None, out, DEMO_ARMS, str(seed), jobs, steps, eval_n, organism_dir, ORGANISM_RECIPES, "Demo")
-    cmd = f"routed-grpo study --arms {STUDY_ARMS} --seeds 0,1,2 --jobs 2 --out runs/study"
-    typer.echo(f"\nThe full study (all arms, three seeds):\n  {cmd}")
+    cmd = f"routed-grpo study --arms {STUDY_ARMS} --seeds {STUDY_SEEDS} --jobs 2 --out runs/study"
+    typer.echo(f"\nThe full study (all arms, five seeds):\n  {cmd}")
