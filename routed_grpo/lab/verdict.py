@@ -96,7 +96,7 @@ def verdict_line(comp: dict[str, Any]) -> str:
     mark = "DIAGNOSTIC (upper bound, reads labels): " if comp["diagnostic"] else ""
     line = (
         f"{mark}{comp['arm']} vs {comp['reference']}: {_figures(comp, 'all')} "
-        f"({TEST_NAME}, n = {n} seeds, smallest attainable p = {fmt_p(p_min)})."
+        f"({TEST_NAME}, n = {n} seed{'' if n == 1 else 's'}, smallest attainable p = {fmt_p(p_min)})."
     )
     dropped = comp["collapsed_pairs"]
     if not dropped:

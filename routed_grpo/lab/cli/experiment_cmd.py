@@ -60,7 +60,8 @@ def compare_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="Evaluated run directories (any arms and seeds)."),
     out: Path = typer.Option(None, help="Where report.md, report.json and the PNGs go (default: first run's parent)."),
 ) -> None:
-    """The report across arms and seeds: markdown tables with intervals, JSON, and PNG plots."""
+    """The report across arms and seeds: a generated verdict (paired sign-flip tests by seed), per-arm means with t
+    intervals over seeds, collapsed runs, evaluation noise, JSON, and PNG plots."""
     from routed_grpo.lab.report import write_report
 
     out = out or run_dirs[0].parent
