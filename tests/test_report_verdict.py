@@ -53,8 +53,9 @@ def test_verdict_line_is_generated_from_the_runs(study):
     assert want[2:] in data["verdict"]
     lines = [line for line in verdict.splitlines() if line.startswith("- ") and " vs " in line]
     diagnostic = [i for i, line in enumerate(lines) if line.startswith("- DIAGNOSTIC")]
-    assert len(diagnostic) == 2 and diagnostic == [len(lines) - 2, len(lines) - 1], "one line per rung, last"
-    assert "labels@cap=4 vs placebo@cap=4" in lines[diagnostic[0]] and "vs baseline" in lines[diagnostic[1]]
+    assert diagnostic == [len(lines) - 1], "one line per DIAGNOSTIC rung, after the method's lines"
+    assert lines[-1].startswith("- DIAGNOSTIC (upper bound, reads labels): labels@cap=4 vs baseline: ")
+    assert "labels@cap=4 (DIAGNOSTIC upper bound) - placebo@cap=4" in _section(text, "Paired comparisons")
     # placebo vs baseline: .50 - .70 on every seed: -0.20 [-0.20, -0.20], every sign the same: p = 2/32
     assert "- placebo@cap=4 vs baseline: deployed hack -0.20 [-0.20, -0.20], p = 0.0625;" in verdict
     assert "- routed@cap=10: no placebo@cap=10 in this study, so it is not compared with a placebo" in verdict

@@ -5,7 +5,7 @@ baseline nor a placebo against the placebo of the same variant, `routed@X` again
 placebo in the study that comparison is not made and the report says so, because a placebo with other settings is
 not this arm's control); per comparison and metric (deployed hack, deployed solve) the paired statistics of
 routed_grpo.lab.stats with all seeds, and without collapsed runs (a pair is dropped when either of its runs
-collapsed); one verdict line per comparison, DIAGNOSTIC rungs last and marked.
+collapsed); one verdict line per method comparison, then one per DIAGNOSTIC rung, marked.
 Does not cover: the maths (routed_grpo.lab.stats), the tables (routed_grpo.lab.report_tables).
 """
 
@@ -110,4 +110,13 @@ def verdict_line(comp: dict[str, Any]) -> str:
 
 
 def verdict_lines(comps: list[dict[str, Any]]) -> list[str]:
-    return [verdict_line(c) for c in comps]
+    """Every method comparison, then one line per DIAGNOSTIC rung: against the baseline (against its placebo when
+    the study has no baseline); the paired-comparisons table has the others."""
+    lines, rungs = [], set()
+    for c in sorted(comps, key=lambda c: (c["diagnostic"], c["diagnostic"] and c["reference"] != "baseline")):
+        if c["diagnostic"]:
+            if c["arm"] in rungs:
+                continue
+            rungs.add(c["arm"])
+        lines.append(verdict_line(c))
+    return lines
