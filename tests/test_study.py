@@ -123,8 +123,11 @@ def test_tiny_study_end_to_end_then_resumes_without_rerunning(tmp_path, tiny_rec
     assert (tmp_path / "s" / "curves.png").is_file() and (tmp_path / "s" / "tradeoff.png").is_file()
     config = yaml.safe_load((tmp_path / "s" / "labels@0.5" / "seed0" / "config.yaml").read_text())
     assert config["diagnostic"]["label_recall"] == 0.5
-    second = CliRunner().invoke(app, argv)
+    second = CliRunner().invoke(app, [*argv, "--publish", str(tmp_path / "published")])
     assert second.exit_code == 0 and "ran 0, skipped 2" in second.output
+    published = tmp_path / "published"
+    assert (published / "report.md").read_text() == (tmp_path / "s" / "report.md").read_text()
+    assert json.loads((published / "report.json").read_text())["verdict"], "the verdict travels with the report"
 
 
 def test_report_names_a_run_whose_ratio_cap_is_not_todays_default():

@@ -111,9 +111,9 @@ def _study(
         typer.echo("\n" + text)
         typer.echo(f"wrote {out / 'report.md'}" + "".join(f", {p}" for p in pngs))
         if publish is not None:  # the committed results file: the README quotes only what it holds
-            for path in [out / "report.md", *pngs]:
+            for path in [out / "report.md", out / "report.json", *pngs]:
                 atomic_write_bytes(publish / path.name, path.read_bytes())
-            typer.echo(f"published {publish / 'report.md'} and {len(pngs)} plots")
+            typer.echo(f"published {publish / 'report.md'}, report.json and {len(pngs)} plots")
     if status["failed"]:
         raise typer.Exit(1)
 
@@ -133,7 +133,9 @@ def study(
     eval_n: int = typer.Option(None, help="Held-out problems per deployment evaluation (default: the recipe's)."),
     organism_dir: Path = typer.Option(Path(".cache/organism"), help="Cache of the built organism."),
     recipes: Path = typer.Option(ORGANISM_RECIPES, help="Directory of the arms' recipes (<arm>.yaml)."),
-    publish: Path = typer.Option(None, help="Also copy report.md and the PNGs here (e.g. results/organism)."),
+    publish: Path = typer.Option(
+        None, help="Also copy report.md, report.json and the PNGs here (e.g. results/organism)."
+    ),
 ) -> None:
     """Arms x seeds on the organism, finished runs skipped, one progress bar, one report (report.md + PNGs).
 
