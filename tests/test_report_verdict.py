@@ -111,6 +111,13 @@ def test_report_json_carries_the_comparisons(study):
     assert data["arms"]["baseline"]["rates"]["deployed hack"]["per_seed"] == {str(s): 0.7 for s in range(5)}
 
 
+def test_the_verdicts_metrics_stay_when_identical_in_every_run(tmp_path):
+    dirs = [make_run(tmp_path, arm, 0, 0, 0) for arm in ("baseline", "routed")]
+    text, _ = write_report(dirs, tmp_path / "report")
+    head = _section(text, "Deployment evaluation over seeds").splitlines()[0]
+    assert "| deployed hack |" in head and "| deployed solve |" in head and "full hack" not in head
+
+
 def test_plots_one_colour_per_arm_and_axes_fitted(study, tmp_path):
     from routed_grpo.lab.plots import OKABE_ITO, colours, limits
 

@@ -60,11 +60,14 @@ def title(rows: Sequence[Row]) -> str:
 
 
 def constant_columns(summaries: Sequence[Row]) -> list[tuple[str, str]]:
-    """[(column, its value)] of the rate columns with the same value in every run (only with two runs or more)."""
+    """[(column, its value)] of the rate columns with the same value in every run (only with two runs or more);
+    the verdict's metrics (deployed hack and solve) always stay."""
     if len(summaries) < 2:
         return []
     out = []
     for column, mode, key in RATES:
+        if column in {label for label, _, _ in METRICS}:
+            continue
         values = {value(r, mode, key) for r in summaries}
         if len(values) == 1:
             out.append((column, num(values.pop())))
