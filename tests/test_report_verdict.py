@@ -109,6 +109,7 @@ def test_report_json_carries_the_comparisons(study):
     assert hack["all"]["p"] == pytest.approx(10 / 32) and hack["all"]["seeds"] == [0, 1, 2, 3, 4]
     assert hack["without_collapsed"]["seeds"] == [0, 1, 2, 3] and comp["collapsed_pairs"] == [4]
     assert data["arms"]["baseline"]["rates"]["deployed hack"]["per_seed"] == {str(s): 0.7 for s in range(5)}
+    assert all("per_problem" not in r["eval"] and "curves" not in r for r in data["runs"]), "kept in each run"
 
 
 def test_the_verdicts_metrics_stay_when_identical_in_every_run(tmp_path):

@@ -158,6 +158,13 @@ def group(summaries: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
     return out
 
 
+def _run_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """A run in report.json: its summary without the curves and the per-problem counts (both stay in the run)."""
+    out = {k: v for k, v in summary.items() if k != "curves"}
+    out["eval"] = {k: v for k, v in summary["eval"].items() if k != "per_problem"}
+    return out
+
+
 def render(summaries: Sequence[dict[str, Any]], title: str = "Arm comparison", preamble: str = "") -> str:
     return render_with_data(summaries, title, preamble)[0]
 
@@ -197,7 +204,7 @@ def render_with_data(
         parts += ["## Routing score against strict hack", directions, tables.DIRECTION_NOTE]
     parts += ["## Every run", tables.run_table(groups, columns), tables.RUN_NOTE]
     data = {
-        "runs": [{k: v for k, v in s.items() if k != "curves"} for s in summaries],
+        "runs": [_run_record(s) for s in summaries],
         "arms": tables.arm_stats(groups),
         "comparisons": comps,
         "verdict": lines,
