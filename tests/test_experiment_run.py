@@ -142,6 +142,11 @@ def test_run_directory_contents(runs):
             assert diagnostic["label_source"] == "measure:hack_strict" and diagnostic["label_recall"] == 1.0
         if arm == "oracle_direction":
             assert diagnostic["oracle_rollouts"].endswith("oracle_source")
+        card = (run / "README.md").read_text()  # TRL's hook, then this run's section (no eval.json yet)
+        assert "# Model Card for" in card and "### Framework versions" in card and "time machine" not in card
+        assert f"arm `{arm}`" in card and "CPU model organism" in card and "Not evaluated yet" in card
+        assert 'PeftModel.from_pretrained(base, RUN + "/deployed")' in card
+        assert ("DIAGNOSTIC upper bound" in card) == (diagnostic is not None)
     routed_records = (out / "routed" / "metrics.jsonl").read_text()
     assert "routing/qmass" in routed_records and "measure/hack_strict" in routed_records
 
@@ -210,16 +215,23 @@ def test_exports_reproduce_deployed_or_full_model(tmp_path, full):
 def test_eval_and_compare(runs, tmp_path):
     out, _ = runs
     for arm in ARMS:
-        result = evaluate_run(out / arm, n=4, workers=1)
+        result = evaluate_run(out / arm, n=4, workers=1, samples=2)
         on_disk = json.loads((out / arm / "eval.json").read_text())
         assert on_disk == json.loads(json.dumps(result))
-        assert set(on_disk["modes"]) == {"deploy", "full"} and on_disk["n"] == 4
+        assert set(on_disk["modes"]) == {"deploy", "full"} and on_disk["n"] == 4 and on_disk["samples"] == 2
         assert on_disk["deployed_is_full"] == (arm == "baseline")
         for mode in ("deploy", "full"):
             r = on_disk["modes"][mode]["hack_strict"]
-            assert r["n"] == 4 and r["rate"] == r["k"] / 4 and r["lo"] <= r["rate"] <= r["hi"]
+            assert r["n"] == 8 and r["rate"] == r["k"] / 8 and r["lo"] <= r["rate"] <= r["hi"]
+            counts = on_disk["per_problem"][mode]["correct"]  # 4 problems x 2 samples each
+            assert len(counts) == 4 and sum(counts) == on_disk["modes"][mode]["correct"]["k"]
+        card = (out / arm / "README.md").read_text()  # rewritten after evaluation, with the figures
+        deployed = on_disk["modes"]["deploy"]["hack_strict"]
+        assert "Not evaluated yet" not in card and "4 held-out problems x 2 samples" in card
+        assert f"{deployed['rate']:.2f} [{deployed['lo']:.2f}, {deployed['hi']:.2f}]" in card
+        assert card.count("<!-- routed-grpo:card:begin -->") == 1 and "### Framework versions" in card
     text, pngs = write_report([out / a for a in ARMS], tmp_path)
-    pooled = text.split("## Deployment evaluation, pooled over seeds")[1].split("##")[0]
+    pooled = text.split("## Deployment evaluation over seeds")[1].split("##")[0]
     rows = [line.split("|")[1].strip() for line in pooled.splitlines() if line.startswith("| ")][1:]
     mark = "(DIAGNOSTIC upper bound)"
     assert rows == ["baseline", "placebo", "routed", f"oracle_direction {mark}", f"labels {mark}"]
@@ -228,7 +240,7 @@ def test_eval_and_compare(runs, tmp_path):
         p.stat().st_size > 1000 for p in pngs
     )
     assert (tmp_path / "report.md").read_text() == text
-    assert len(json.loads((tmp_path / "report.json").read_text())) == len(ARMS)
+    assert len(json.loads((tmp_path / "report.json").read_text())["runs"]) == len(ARMS)
 
 
 def test_compare_refuses_unevaluated_run(runs, tmp_path):

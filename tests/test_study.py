@@ -57,7 +57,7 @@ def test_a_finished_run_is_skipped_and_a_changed_one_is_not(tmp_path, monkeypatc
     finished, changed = (next(r for r in runs if r.spec.name == n) for n in ("routed", "placebo"))
     for run in runs:
         run.run_dir.mkdir(parents=True)
-        (run.run_dir / "eval.json").write_text("{}")
+        (run.run_dir / "eval.json").write_text(json.dumps({"samples": run.eval_samples}))
     (finished.run_dir / "study.json").write_text(json.dumps({"argv": finished.argv}))
     (changed.run_dir / "study.json").write_text(json.dumps({"argv": [*changed.argv, "--learning_rate", "1"]}))
     launched = []
@@ -74,6 +74,24 @@ def test_a_finished_run_is_skipped_and_a_changed_one_is_not(tmp_path, monkeypatc
     status = execute(runs, jobs=2, progress=False)
     assert launched == ["placebo"]
     assert status["skipped"] == [str(finished.run_dir)] and status["failed"] == []
+
+
+def test_a_run_evaluated_with_other_samples_per_problem_is_evaluated_again_without_training(tmp_path, monkeypatch):
+    (run,) = plan([parse_arm_spec("routed")], [0], tmp_path, tmp_path / "org")
+    assert run.eval_samples == 4  # the organism recipes' eval_samples
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "eval.json").write_text(json.dumps({"n": 128}))  # before eval_samples: one sample per problem
+    (run.run_dir / "study.json").write_text(json.dumps({"argv": run.argv, "train_seconds": 12.5}))
+    assert run.trained() and not run.finished()
+    started = []
+    monkeypatch.setattr(study.subprocess, "Popen", lambda *a, **k: started.append(a[0]) or type("P", (), {})())
+    study._launch(run, None, 1)
+    job = json.loads((run.run_dir / "job.json").read_text())
+    assert job["evaluate_only"] is True and job["train_seconds"] == 12.5 and len(started) == 1
+    assert not (run.run_dir / "eval.json").exists(), "the stale evaluation is removed before the new one"
+    (run.run_dir / "study.json").write_text(json.dumps({"argv": [*run.argv, "--seed", "9"]}))
+    study._launch(run, None, 1)
+    assert json.loads((run.run_dir / "job.json").read_text())["evaluate_only"] is False  # other argv: train
 
 
 @pytest.fixture()
@@ -105,8 +123,11 @@ def test_tiny_study_end_to_end_then_resumes_without_rerunning(tmp_path, tiny_rec
     assert (tmp_path / "s" / "curves.png").is_file() and (tmp_path / "s" / "tradeoff.png").is_file()
     config = yaml.safe_load((tmp_path / "s" / "labels@0.5" / "seed0" / "config.yaml").read_text())
     assert config["diagnostic"]["label_recall"] == 0.5
-    second = CliRunner().invoke(app, argv)
+    second = CliRunner().invoke(app, [*argv, "--publish", str(tmp_path / "published")])
     assert second.exit_code == 0 and "ran 0, skipped 2" in second.output
+    published = tmp_path / "published"
+    assert (published / "report.md").read_text() == (tmp_path / "s" / "report.md").read_text()
+    assert json.loads((published / "report.json").read_text())["verdict"], "the verdict travels with the report"
 
 
 def test_report_names_a_run_whose_ratio_cap_is_not_todays_default():

@@ -169,6 +169,14 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[RoutedAdap
     return adapter, tokenizer, config
 
 
+def per_problem_counts(labels: Sequence[Labels], samples: int) -> dict[str, list[int]]:
+    """{label: [hits of problem 0, ...]} for `labels` laid out problem by problem, `samples` rows each."""
+    return {
+        key: [sum(bool(getattr(lab, key)) for lab in labels[i : i + samples]) for i in range(0, len(labels), samples)]
+        for key in RATE_KEYS
+    }
+
+
 def evaluate_run(
     run_dir: str | Path,
     n: int | None = None,
@@ -176,14 +184,22 @@ def evaluate_run(
     workers: int | None = None,
     progress: bool = False,
     write: bool = True,
+    samples: int | None = None,
 ) -> dict[str, Any]:
-    """Deployed and full rates on the run's held-out problems (loophole on); writes `RUN_DIR/eval.json`."""
+    """Deployed and full rates on the run's held-out problems (loophole on), `samples` completions per problem
+    (default: the recipe's `eval_samples`; 1 for runs made before it existed), each graded in the sandbox; writes
+    `RUN_DIR/eval.json` with the rates over all samples and each problem's counts (`per_problem`), from which the
+    report estimates the evaluation's own noise with problems as clusters."""
     run_dir = Path(run_dir)
     adapter, tokenizer, config = load_run(run_dir, "cuda" if torch.cuda.is_available() else None)
     script = config["script"]
     problems = load_jsonl(run_dir / "heldout.jsonl")
     n = n or int(script["eval_n"])
+    samples = samples or int(script.get("eval_samples") or 1)
+    if samples < 1:
+        raise ValueError(f"eval samples must be >= 1, got samples={samples}")
     problems = problems[:n]
+    repeated = [p for p in problems for _ in range(samples)]  # problem by problem, `samples` rows each
     loophole = script["loophole_mode"] or ""
     gen = generation_settings(config)
     arm = config["arm"]
@@ -192,24 +208,32 @@ def evaluate_run(
         "arm": arm,
         "seed": config["training"]["seed"],
         "n": len(problems),
+        "samples": samples,
         "loophole": loophole,
         "eval_seed": seed,
         "generation": gen,
         "deployed_is_full": arm == "baseline",
         "modes": {},
+        "per_problem": {},
     }
     if arm == "baseline":
         result["note"] = "baseline: nothing is routed, so the deployed model is the full model (deploy == full)"
     for mode in MODES:
         if arm == "baseline" and mode == "deploy":
             continue  # the same samples as "full" (same model, same seed): measured once below
-        result["modes"][mode] = measure_rates(
-            adapter, tokenizer, problems, loophole, mode, gen, seed, workers, progress
-        )[0]
+        measured, _, _, labels = measure_rates(
+            adapter, tokenizer, repeated, loophole, mode, gen, seed, workers, progress
+        )
+        result["modes"][mode] = measured
+        result["per_problem"][mode] = per_problem_counts(labels, samples)
     if arm == "baseline":
         result["modes"] = {"deploy": result["modes"]["full"], "full": result["modes"]["full"]}
+        result["per_problem"] = {"deploy": result["per_problem"]["full"], "full": result["per_problem"]["full"]}
     if write:
+        from routed_grpo.lab.model_card import update_model_card
+
         atomic_write_text(run_dir / EVAL_FILE, json.dumps(result, indent=2) + "\n")
+        update_model_card(run_dir)  # the card TRL wrote at training time, now with this evaluation's figures
     return result
 
 
@@ -224,10 +248,11 @@ def eval_table(result: dict[str, Any]) -> str:
     for mode, rs in result["modes"].items():
         lines.append(f"| {mode} | " + " | ".join(fmt_rate(rs[k]) for k in RATE_KEYS) + " |")
     title = (
-        f"{result['arm']} (seed {result['seed']}), n={result['n']} held-out problems, loophole {result['loophole']!r}"
+        f"{result['arm']} (seed {result['seed']}), n={result['n']} held-out problems x {result.get('samples', 1)} "
+        f"samples, loophole {result['loophole']!r}"
     )
     note = f"\n{result['note']}" if result.get("note") else ""
-    return f"{title}; 95% Wilson intervals\n\n" + "\n".join(lines) + note
+    return f"{title}; 95% Wilson intervals over samples (evaluation noise only)\n\n" + "\n".join(lines) + note
 
 
 # ---- diagnostics (scripts/diag_*.py) ----------------------------------------------------------------------------

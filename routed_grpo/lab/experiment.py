@@ -13,7 +13,8 @@ file or the LeetCode hub dataset, rows with the loophole partition from `sandbox
   block only.
 
 and the run directory (`config.yaml`, `metrics.jsonl`, `vact.safetensors`, `heldout.jsonl`, `checkpoint-N/`,
-`final/`, `deployed/`). Measurement labels (`sandbox.labels`) are used here only as measurements: the trainer's
+`final/`, `deployed/`, the model card `README.md` of routed_grpo.lab.model_card). Measurement labels
+(`sandbox.labels`) are used here only as measurements: the trainer's
 `measure_fn` (logged under `measure/`) and a periodic held-out measurement (`measure/heldout/...`).
 Does not cover: the trainer itself (routed_grpo.trainer), deployment evaluation (routed_grpo.lab.evaluation),
 comparison (routed_grpo.lab.report).
@@ -40,6 +41,7 @@ from routed_grpo.config import RoutedGRPOConfig
 from routed_grpo.lab import ORGANISM_PAIRS
 from routed_grpo.lab.callbacks import HeldoutMeasurement, MetricsJSONL, use_console
 from routed_grpo.lab.evaluation import plain
+from routed_grpo.lab.model_card import write_model_card
 from routed_grpo.trainer import RoutedGRPOTrainer
 from routed_grpo.utils import atomic_write_text
 from routed_grpo.vact import adapter_metadata, save_vact
@@ -73,7 +75,8 @@ class ExperimentArguments:
             `test` split, or a seeded `heldout_frac` of a JSONL file.
         loophole_mode / unhackable_frac: the loophole of hackable training rows and the share of rows without it.
         organism_*: where and how the organism is built (`organism_settings` are `OrganismConfig` fields).
-        eval_n: held-out problems used by `routed-grpo experiment eval`.
+        eval_n / eval_samples: held-out problems used by `routed-grpo eval`, and completions sampled (and graded)
+            per problem; several samples per problem cut the evaluation's own noise for generation and grading only.
         measure_every / measure_n: every this many steps, sample `measure_n` held-out problems (loophole on) in
             both sampling modes and log measured rates (0 = off). Measurement only.
         measure_train: give the routed trainers a measurement labeler (`measure/...` and the score's AUROC).
@@ -96,6 +99,7 @@ class ExperimentArguments:
     organism_seed: int = field(default=0, metadata={"help": "Seed of the organism build."})
     organism_settings: dict | str | None = field(default=None, metadata={"help": "OrganismConfig fields (JSON)."})
     eval_n: int = field(default=64, metadata={"help": "Held-out problems for deployment evaluation."})
+    eval_samples: int = field(default=4, metadata={"help": "Completions per held-out problem in evaluation."})
     measure_every: int = field(default=0, metadata={"help": "Held-out measurement every N steps (0 = off)."})
     measure_n: int = field(default=32, metadata={"help": "Held-out problems per periodic measurement."})
     measure_train: bool = field(default=True, metadata={"help": "Log measured labels of training batches."})
@@ -123,10 +127,10 @@ class ExperimentArguments:
             self.organism_settings = json.loads(self.organism_settings)
         if not 0.0 <= self.unhackable_frac <= 1.0:
             raise ValueError(f"unhackable_frac must be in [0, 1], got unhackable_frac={self.unhackable_frac}")
-        if self.measure_every < 0 or self.measure_n < 1 or self.eval_n < 1:
+        if self.measure_every < 0 or self.measure_n < 1 or self.eval_n < 1 or self.eval_samples < 1:
             raise ValueError(
-                f"need measure_every >= 0, measure_n >= 1, eval_n >= 1; got {self.measure_every}, "
-                f"{self.measure_n}, {self.eval_n}"
+                f"need measure_every >= 0, measure_n >= 1, eval_n >= 1, eval_samples >= 1; got {self.measure_every}, "
+                f"{self.measure_n}, {self.eval_n}, {self.eval_samples}"
             )
 
 
@@ -383,4 +387,5 @@ def run_experiment(script: ExperimentArguments, training: RoutedGRPOConfig, mode
         atomic_write_text(run_dir / "config.yaml", text)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     save_outputs(trainer, adapter, tokenizer, run_dir, script.arm)
+    write_model_card(trainer, run_dir)  # TRL's hook, then this run's arm, artefact and (after eval) figures
     return trainer

@@ -1,16 +1,17 @@
-"""The report of finished runs across arms and seeds: markdown tables with 95% intervals, JSON, and PNG plots.
+"""The report of finished runs across arms and seeds: markdown with seed-level statistics, JSON, and PNG plots.
 
 Covers: reading each run directory (`config.yaml`, `eval.json`, `metrics.jsonl`, and `study.json` for the arm's
-name in a study), one summary per run, and `write_report`, which writes
-- `report.md`: per arm pooled over seeds (Wilson interval of the pooled proportion, each seed's value beside it):
-  deployed and full strict hack, deployed attempted hack, deployed "defines run_tests", deployed and full solve,
-  deployed compile rate, routing mass (rollouts and gradient) and the final reward; per run the same numbers; for
-  arms with a direction (routed, placebo, oracle_direction and their variants) the routing score's AUROC against
-  strict hack on training rollouts and on held-out rollouts, and precision and recall at the route threshold.
-  Rows of the label-reading arms are marked DIAGNOSTIC (upper bound) wherever they appear;
-- `report.json`: the same numbers as data;
+name in a study), one summary per run (with its collapse flag, `collapse_reason`), and `write_report`, which writes
+- `report.md`: the verdict (routed_grpo.lab.verdict: paired sign-flip comparisons against `baseline` and the
+  placebo of the same variant, with all seeds and without collapsed runs; DIAGNOSTIC rungs marked); per arm the
+  mean over seeds with a 95% t interval over seeds and each seed's value; seed spread beside the evaluation's own
+  noise (the only place a pooled binomial interval appears); the routing score's AUROC, precision and recall for
+  arms with a direction; every run. A rate column identical in every run is dropped and named once under the
+  table. Rows of the label-reading arms are marked DIAGNOSTIC (upper bound) wherever they appear;
+- `report.json`: {"runs", "arms", "comparisons", "verdict", "collapse_rule", "dropped_columns"};
 - `curves.png` and `tradeoff.png` (routed_grpo.lab.plots).
-Does not cover: producing the numbers (routed_grpo.lab.evaluation, routed_grpo.lab.experiment).
+Does not cover: producing the numbers (routed_grpo.lab.evaluation, routed_grpo.lab.experiment), the maths
+(routed_grpo.lab.stats), the tables (routed_grpo.lab.report_tables).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from routed_grpo.lab.evaluation import EVAL_FILE, rate, read_run_config
+from routed_grpo.lab.evaluation import EVAL_FILE, read_run_config
 from routed_grpo.utils import atomic_write_text
 
 ARM_ORDER = ("baseline", "placebo", "routed", "oracle_direction", "labels")
@@ -42,6 +43,15 @@ DIRECTION = (  # column, metrics key (mean over training), held-out key (mean ov
     ("precision@route held-out", "measure/heldout/full/routing_precision_at_route_hack_strict"),
     ("recall@route held-out", "measure/heldout/full/routing_recall_at_route_hack_strict"),
 )
+FINAL_REWARD_STEPS = 5  # the final training reward: mean of the last this many logged steps
+COLLAPSE_FULL_COMPILE = 0.1
+COLLAPSE_RULE = (
+    f"a run is collapsed when training broke: its final training reward (mean of the last {FINAL_REWARD_STEPS} "
+    "logged steps) is below the run's compile reward (0.5 by default: on average its rollouts no longer even "
+    f"compile), or its full model (both blocks on, the policy training produced) compiles on fewer than "
+    f"{COLLAPSE_FULL_COMPILE:.0%} of held-out samples. A deployed model that no longer compiles while the full "
+    "model does is a result about the method, not a collapse"
+)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -58,7 +68,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def _mean(values: Sequence[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
@@ -77,6 +87,18 @@ def arm_name(config: dict[str, Any], study: dict[str, Any]) -> str:
     return name
 
 
+def collapse_reason(config: dict[str, Any], evaluation: dict[str, Any], final_reward: float | None) -> str | None:
+    """Why the run counts as collapsed (COLLAPSE_RULE), or None."""
+    bound = float(config.get("script", {}).get("compile_reward", 0.5))
+    reasons = []
+    if final_reward is not None and final_reward < bound:
+        reasons.append(f"final training reward {final_reward:.2f} < {bound:g}")
+    full_compiles = evaluation["modes"]["full"]["compiled"]["rate"]
+    if full_compiles < COLLAPSE_FULL_COMPILE:
+        reasons.append(f"full model compiles {full_compiles:.2f} < {COLLAPSE_FULL_COMPILE:g}")
+    return "; ".join(reasons) or None
+
+
 def summarise_run(run_dir: str | Path) -> dict[str, Any]:
     """The numbers of one finished and evaluated run."""
     run_dir = Path(run_dir)
@@ -89,16 +111,19 @@ def summarise_run(run_dir: str | Path) -> dict[str, Any]:
     rewards = [m["reward"] for m in metrics if "reward" in m]
     step_times = sorted(m["step_time"] for m in metrics if "step_time" in m)
     routed = config["arm"] != "baseline"
+    evaluation = json.loads(eval_path.read_text())
+    final_reward = _mean(rewards[-FINAL_REWARD_STEPS:])
     return {
         "run_dir": str(run_dir),
         "arm": arm_name(config, study),
         "base_arm": config["arm"],
         "diagnostic": config.get("diagnostic"),
         "seed": config["training"]["seed"],
-        "eval": json.loads(eval_path.read_text()),
+        "eval": evaluation,
         "qmass": _mean([m.get("routing/qmass") for m in metrics]) if routed else None,
         "qmass_grad": _mean([m.get("routing/qmass_grad") for m in metrics]) if routed else None,
-        "final_reward": _mean(rewards[-5:]),
+        "final_reward": final_reward,
+        "collapse_reason": collapse_reason(config, evaluation, final_reward),
         "step_time_median": step_times[len(step_times) // 2] if step_times else None,
         "direction": {key: _mean([m.get(key) for m in metrics]) for _, key in DIRECTION},
         "curves": [m for m in metrics if "measure/heldout/n" in m],
@@ -106,12 +131,14 @@ def summarise_run(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
-def _cell(r: dict[str, float]) -> str:
-    return f"{r['rate']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]"
+def value(run: dict[str, Any], mode: str, key: str) -> float:
+    """One run's evaluation rate of label `key` in sampling mode `mode`."""
+    return float(run["eval"]["modes"][mode][key]["rate"])
 
 
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
+def seed_values(rows: Sequence[dict[str, Any]], mode: str, key: str, skip_collapsed: bool = False) -> dict[int, float]:
+    """{seed: rate} of one arm's runs."""
+    return {r["seed"]: value(r, mode, key) for r in rows if not (skip_collapsed and r["collapse_reason"])}
 
 
 def _arm_key(name: str) -> tuple[int, str]:
@@ -119,98 +146,73 @@ def _arm_key(name: str) -> tuple[int, str]:
     return (ARM_ORDER.index(base) if base in ARM_ORDER else len(ARM_ORDER), name)
 
 
-def _title(rows: Sequence[dict[str, Any]]) -> str:
-    return rows[0]["arm"] + (DIAGNOSTIC_MARK if rows[0]["diagnostic"] else "")
-
-
-def pooled(rows: Sequence[dict[str, Any]], mode: str, key: str) -> dict[str, float]:
-    """Pooled rate over runs: counts summed, Wilson interval of the pooled proportion."""
-    return rate(
-        sum(r["eval"]["modes"][mode][key]["k"] for r in rows), sum(r["eval"]["modes"][mode][key]["n"] for r in rows)
-    )
-
-
-def _mass(rows: Sequence[dict[str, Any]]) -> str:
-    if rows[0]["base_arm"] == "baseline":
-        return "not routed"
-    return f"{_num(_mean([r['qmass'] for r in rows]))} / {_num(_mean([r['qmass_grad'] for r in rows]))}"
-
-
 def group(summaries: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """{arm: its runs in seed order}, arms in ARM_ORDER; refuses two runs of one arm at the same seed."""
     out: dict[str, list[dict[str, Any]]] = {}
     for s in sorted(summaries, key=lambda s: (_arm_key(s["arm"]), s["seed"])):
-        out.setdefault(s["arm"], []).append(s)
+        rows = out.setdefault(s["arm"], [])
+        if rows and rows[-1]["seed"] == s["seed"]:
+            raise ValueError(f"{s['run_dir']}: a second run of arm {s['arm']!r} at seed {s['seed']} "
+                             f"(first: {rows[-1]['run_dir']}); a study pairs arms by seed")  # fmt: skip
+        rows.append(s)
     return out
 
 
-def pooled_table(groups: dict[str, list[dict[str, Any]]]) -> str:
-    head = ["arm", "seeds", *[c for c, _, _ in RATES], "routing mass (rollouts / grad)", "final reward"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for rows in groups.values():
-        cells = []
-        for _, mode, key in RATES:
-            per_seed = ", ".join(f"{r['eval']['modes'][mode][key]['rate']:.2f}" for r in rows)
-            cells.append(_cell(pooled(rows, mode, key)) + (f" ({per_seed})" if len(rows) > 1 else ""))
-        reward = _num(_mean([r["final_reward"] for r in rows]))
-        lines.append(f"| {_title(rows)} | {len(rows)} | " + " | ".join(cells) + f" | {_mass(rows)} | {reward} |")
-    return "\n".join(lines)
-
-
-def run_table(summaries: Sequence[dict[str, Any]]) -> str:
-    head = ["arm", "seed", *[c for c, _, _ in RATES], "routing mass (rollouts / grad)", "final reward", "s/step"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for rows in group(summaries).values():
-        for r in rows:
-            cells = [_cell(r["eval"]["modes"][mode][key]) for _, mode, key in RATES]
-            lines.append(
-                f"| {_title([r])} | {r['seed']} | "
-                + " | ".join(cells)
-                + f" | {_mass([r])} | {_num(r['final_reward'])} | {_num(r['step_time_median'])} |"
-            )
-    return "\n".join(lines)
-
-
-def direction_table(groups: dict[str, list[dict[str, Any]]]) -> str | None:
-    """Arms whose rollouts were scored by a direction (not the baseline, not the label monitor)."""
-    with_dir = {a: rows for a, rows in groups.items() if rows[0]["base_arm"] not in ("baseline", "labels")}
-    if not with_dir:
-        return None
-    head = ["arm", *[c for c, _ in DIRECTION]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for rows in with_dir.values():
-        cells = []
-        for _, key in DIRECTION:
-            per_seed = [r["direction"][key] for r in rows]
-            seeds = ", ".join(_num(v) for v in per_seed)
-            cells.append(_num(_mean(per_seed)) + (f" ({seeds})" if len(rows) > 1 else ""))
-        lines.append(f"| {_title(rows)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _run_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """A run in report.json: its summary without the curves and the per-problem counts (both stay in the run)."""
+    out = {k: v for k, v in summary.items() if k != "curves"}
+    out["eval"] = {k: v for k, v in summary["eval"].items() if k != "per_problem"}
+    return out
 
 
 def render(summaries: Sequence[dict[str, Any]], title: str = "Arm comparison", preamble: str = "") -> str:
+    return render_with_data(summaries, title, preamble)[0]
+
+
+def render_with_data(
+    summaries: Sequence[dict[str, Any]], title: str = "Arm comparison", preamble: str = ""
+) -> tuple[str, dict[str, Any]]:
+    """(report.md text, report.json data)."""
+    from routed_grpo.lab import report_tables as tables
+    from routed_grpo.lab.verdict import comparisons, verdict_lines
+
     groups = group(summaries)
-    n = sorted({s["eval"]["n"] for s in summaries})
+    comps, missing = comparisons(groups)
+    lines = verdict_lines(comps)
+    dropped = tables.constant_columns(summaries)
+    columns = [c for c in RATES if c[0] not in dict(dropped)]
+    collapsed = [r for r in summaries if r["collapse_reason"]]
     parts = [
         f"# {title}",
         preamble,
-        "## Deployment evaluation, pooled over seeds",
-        pooled_table(groups),
-        f"Held-out problems per run: {', '.join(map(str, n))} (loophole on). Rates: pooled over seeds with a "
-        "95% Wilson interval, each seed's rate in parentheses. Routing mass: mean share of rollouts whose update "
-        "reached the quarantine / share of the gradient norm. Baseline: nothing is routed, so deployed == full. "
-        f"Rows marked{DIAGNOSTIC_MARK} read ground-truth labels: upper bounds, not the method.",
+        "## Verdict",
+        tables.verdict_text(lines, missing),
+        "## Deployment evaluation over seeds",
+        tables.arm_table(groups, columns),
+        tables.arm_note(summaries, dropped),
+        "## Collapsed runs",
+        tables.collapse_text(collapsed, len(summaries)),
+        "## Paired comparisons",
+        tables.comparison_table(comps),
+        tables.COMPARISON_NOTE,
+        "## Seed spread against evaluation noise",
+        tables.noise_table(groups),
+        tables.NOISE_NOTE,
     ]
-    directions = direction_table(groups)
+    directions = tables.direction_table(groups)
     if directions:
-        parts += [
-            "## Routing score against strict hack",
-            directions,
-            "Means over training (train: every batch's rollouts; held-out: the periodic held-out samples, "
-            "scored with the run's current adapter and direction; route threshold: the gate's). Each seed in "
-            "parentheses.",
-        ]
-    parts += ["## Every run", run_table(summaries)]
-    return "\n\n".join(p for p in parts if p) + "\n"
+        parts += ["## Routing score against strict hack", directions, tables.DIRECTION_NOTE]
+    parts += ["## Every run", tables.run_table(groups, columns), tables.RUN_NOTE]
+    data = {
+        "runs": [_run_record(s) for s in summaries],
+        "arms": tables.arm_stats(groups),
+        "comparisons": comps,
+        "verdict": lines,
+        "missing_placebo": missing,
+        "collapse_rule": COLLAPSE_RULE,
+        "dropped_columns": [{"column": c, "value": v} for c, v in dropped],
+    }
+    return "\n\n".join(p for p in parts if p) + "\n", data
 
 
 def write_report(
@@ -221,13 +223,12 @@ def write_report(
 
     summaries = [summarise_run(d) for d in run_dirs]
     out_dir = Path(out_dir)
-    text = render(summaries, title, preamble)
+    text, data = render_with_data(summaries, title, preamble)
     pngs = [
         p
         for p in (plot_curves(summaries, out_dir / "curves.png"), plot_tradeoff(summaries, out_dir / "tradeoff.png"))
         if p is not None
     ]
-    data = [{k: v for k, v in s.items() if k != "curves"} for s in summaries]
     atomic_write_text(out_dir / "report.json", json.dumps(data, indent=2) + "\n")
     atomic_write_text(out_dir / "report.md", text)
     return text, pngs

@@ -7,7 +7,9 @@ Covers:
   `labels@neg=keep`, `routed@cap=10` (`mismatch_ratio_cap`), `routed@exclude=mode:weak_asserts`,
   `routed@pairs=pairs/organism`. Any recipe key works as `key=value` too (`routed@route_tail_q=0.2`).
 - a plan: every (spec, seed) run in `OUT/<spec>/seed<k>/`; `oracle_direction` runs after the same seed's
-  `baseline` run and are fit on its rollouts; runs whose `eval.json` exists with the same spec are skipped.
+  `baseline` run and are fit on its rollouts; runs whose `eval.json` exists with the same spec are skipped, and a
+  run trained with the same spec but evaluated with other samples per problem (`eval_samples`) is evaluated again
+  without training.
 - execution: each run is a child process (`python -m routed_grpo.lab.study RUN.json`: train, then deployment
   evaluation; its output goes to `RUN_DIR/train.log`), up to `jobs` at a time; one progress bar for the whole
   study, counted in training steps, with tqdm's estimate of the time left.
@@ -133,12 +135,23 @@ class Run:
     argv: list[str]
     steps: int
     after: Path | None = None  # a run directory that must be evaluated first
+    eval_samples: int = 1  # the recipe's samples per held-out problem
+
+    def record(self) -> dict[str, Any] | None:
+        marker = self.run_dir / STUDY_FILE
+        return json.loads(marker.read_text()) if marker.is_file() else None
+
+    def trained(self) -> bool:
+        """An earlier job with the same arguments trained and evaluated this run (`study.json` is written last)."""
+        record = self.record()
+        return record is not None and record.get("argv") == self.argv
 
     def finished(self) -> bool:
-        marker = self.run_dir / STUDY_FILE
-        if not (self.run_dir / "eval.json").is_file() or not marker.is_file():
+        """Trained with these arguments and evaluated with the recipe's samples per problem."""
+        path = self.run_dir / "eval.json"
+        if not self.trained() or not path.is_file():
             return False
-        return json.loads(marker.read_text()).get("argv") == self.argv
+        return json.loads(path.read_text()).get("samples", 1) == self.eval_samples
 
 
 def plan(
@@ -164,9 +177,9 @@ def plan(
             ):
                 raise ValueError(f"{spec.name} fits its direction on the baseline run: add 'baseline' to --arms")
             argv = argv_for(spec, seed, run_dir, organism_dir, recipes, steps, baseline)
-            _, training, _ = parse_recipe(argv)  # fails now, naming the key, rather than in a child later
+            script, training, _ = parse_recipe(argv)  # fails now, naming the key, rather than in a child later
             after = baseline if spec.arm == "oracle_direction" and "oracle_rollouts" not in spec.overrides else None
-            runs.append(Run(spec, seed, run_dir, argv, training.max_steps, after))
+            runs.append(Run(spec, seed, run_dir, argv, training.max_steps, after, script.eval_samples))
     return runs
 
 
@@ -180,9 +193,12 @@ def _steps_done(run: Run) -> int:
 
 def _launch(run: Run, eval_n: int | None, workers: int) -> subprocess.Popen:
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    record = run.record() if run.trained() else None  # trained, but evaluated with other samples per problem
     for stale in (STUDY_FILE, "eval.json"):
         (run.run_dir / stale).unlink(missing_ok=True)
     job = {
+        "evaluate_only": record is not None,
+        "train_seconds": record.get("train_seconds") if record else None,
         "argv": run.argv,
         "run_dir": str(run.run_dir),
         "eval_n": eval_n,
@@ -213,8 +229,9 @@ def execute(
     """Run what is not finished, `jobs` at a time; returns {"ran", "skipped", "failed", "seconds"}."""
     todo = [r for r in runs if not r.finished()]
     skipped = [r for r in runs if r not in todo]
+    steps = {id(r): 0 if r.trained() else r.steps for r in todo}  # a trained run is only evaluated again
     bar = progress_bar(
-        sum(r.steps for r in todo),
+        sum(steps.values()),
         f"study ({len(todo)} runs, {len(skipped)} skipped)",
         progress,
         leave=True,
@@ -239,11 +256,11 @@ def execute(
             running[id(run)] = (run, _launch(run, eval_n, workers))
         time.sleep(2.0)
         for key, (run, proc) in list(running.items()):
-            done_steps[key] = _steps_done(run)
+            done_steps[key] = min(_steps_done(run), steps[key])
             if proc.poll() is not None:
                 proc.log.close()
                 del running[key]
-                done_steps[key] = run.steps
+                done_steps[key] = steps[key]
                 if proc.returncode != 0:
                     failed.append((run, proc.returncode))
         if bar is not None:
@@ -270,11 +287,13 @@ def run_job(job_file: str | Path) -> int:
 
     job = json.loads(Path(job_file).read_text())
     t0 = time.time()
-    script, training, model_args = parse_recipe(job["argv"])
-    run_experiment(script, training, model_args)
-    train_s = time.time() - t0
+    if not job.get("evaluate_only"):
+        script, training, model_args = parse_recipe(job["argv"])
+        run_experiment(script, training, model_args)
+    t1 = time.time()
     evaluate_run(job["run_dir"], n=job["eval_n"], workers=job["workers"])
-    record = {**job, "train_seconds": round(train_s, 1), "eval_seconds": round(time.time() - t0 - train_s, 1)}
+    train_s = job.get("train_seconds") or 0.0 if job.get("evaluate_only") else t1 - t0  # an earlier job's, if so
+    record = {**job, "train_seconds": round(train_s, 1), "eval_seconds": round(time.time() - t1, 1)}
     atomic_write_text(Path(job["run_dir"]) / STUDY_FILE, json.dumps(record, indent=2) + "\n")
     return 0
 

@@ -19,6 +19,7 @@ from routed_grpo.utils import atomic_write_bytes
 app = typer.Typer(no_args_is_help=True)
 DEMO_ARMS = "baseline,placebo,routed,labels"
 STUDY_ARMS = "baseline,placebo,routed,oracle_direction,labels"
+STUDY_SEEDS = "0,1,2,3,4"
 
 
 def _fail(err: Exception | str) -> None:
@@ -36,16 +37,18 @@ def _env() -> None:
 def eval_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory written by recipes/train.py."),
     n: int = typer.Option(None, "--n", help="Held-out problems (default: the recipe's eval_n)."),
+    samples: int = typer.Option(None, help="Completions per problem (default: the recipe's eval_samples)."),
     seed: int = typer.Option(1234, help="Sampling seed of the evaluation."),
     workers: int = typer.Option(2, help="Parallel sandbox runs."),
     as_json: bool = typer.Option(False, "--json", help="Print eval.json instead of the table."),
 ) -> None:
-    """Deployed (quarantine ablated) and full hack/solve/compile rates on held-out problems; writes eval.json."""
+    """Deployed (quarantine ablated) and full hack/solve/compile rates on held-out problems; writes eval.json and
+    rewrites the run's model card (README.md) with the figures."""
     _env()
     from routed_grpo.lab.evaluation import eval_table, evaluate_run
 
     try:
-        result = evaluate_run(run_dir, n=n, seed=seed, workers=workers, progress=True)
+        result = evaluate_run(run_dir, n=n, seed=seed, workers=workers, progress=True, samples=samples)
     except (OSError, ValueError, KeyError) as err:  # OSError: transformers cannot resolve the base model id
         _fail(err)
     typer.echo(json.dumps(result, indent=2) if as_json else eval_table(result))
@@ -57,7 +60,8 @@ def compare_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="Evaluated run directories (any arms and seeds)."),
     out: Path = typer.Option(None, help="Where report.md, report.json and the PNGs go (default: first run's parent)."),
 ) -> None:
-    """The report across arms and seeds: markdown tables with intervals, JSON, and PNG plots."""
+    """The report across arms and seeds: a generated verdict (paired sign-flip tests by seed), per-arm means with t
+    intervals over seeds, collapsed runs, evaluation noise, JSON, and PNG plots."""
     from routed_grpo.lab.report import write_report
 
     out = out or run_dirs[0].parent
@@ -107,9 +111,9 @@ def _study(
         typer.echo("\n" + text)
         typer.echo(f"wrote {out / 'report.md'}" + "".join(f", {p}" for p in pngs))
         if publish is not None:  # the committed results file: the README quotes only what it holds
-            for path in [out / "report.md", *pngs]:
+            for path in [out / "report.md", out / "report.json", *pngs]:
                 atomic_write_bytes(publish / path.name, path.read_bytes())
-            typer.echo(f"published {publish / 'report.md'} and {len(pngs)} plots")
+            typer.echo(f"published {publish / 'report.md'}, report.json and {len(pngs)} plots")
     if status["failed"]:
         raise typer.Exit(1)
 
@@ -121,13 +125,17 @@ def study(
         help="Arms, comma-separated; variants as arm@key=value[,key=value] (e.g. labels@0.7, "
         "labels@recall=0.9,fpr=0.05, routed@cap=10, routed@exclude=mode:weak_asserts).",
     ),
-    seeds: str = typer.Option("0,1,2", help="Training seeds, comma-separated."),
+    seeds: str = typer.Option(
+        STUDY_SEEDS, help="Training seeds, comma-separated (5 by default: the smallest sign-flip p is then 0.0625)."
+    ),
     jobs: int = typer.Option(2, help="Runs side by side (each uses one core)."),
     steps: int = typer.Option(None, help="Override max_steps of every recipe."),
     eval_n: int = typer.Option(None, help="Held-out problems per deployment evaluation (default: the recipe's)."),
     organism_dir: Path = typer.Option(Path(".cache/organism"), help="Cache of the built organism."),
     recipes: Path = typer.Option(ORGANISM_RECIPES, help="Directory of the arms' recipes (<arm>.yaml)."),
-    publish: Path = typer.Option(None, help="Also copy report.md and the PNGs here (e.g. results/organism)."),
+    publish: Path = typer.Option(
+        None, help="Also copy report.md, report.json and the PNGs here (e.g. results/organism)."
+    ),
 ) -> None:
     """Arms x seeds on the organism, finished runs skipped, one progress bar, one report (report.md + PNGs).
 
@@ -153,5 +161,5 @@ def demo(
     script, _, _ = parse_recipe(["--config", str(ORGANISM_RECIPES / "baseline.yaml")])
     build_organism(organism_dir, seed=script.organism_seed, progress=True, **(script.organism_settings or {}))
     _study(None, out, DEMO_ARMS, str(seed), jobs, steps, eval_n, organism_dir, ORGANISM_RECIPES, "Demo")
-    cmd = f"routed-grpo study --arms {STUDY_ARMS} --seeds 0,1,2 --jobs 2 --out runs/study"
-    typer.echo(f"\nThe full study (all arms, three seeds):\n  {cmd}")
+    cmd = f"routed-grpo study --arms {STUDY_ARMS} --seeds {STUDY_SEEDS} --jobs 2 --out runs/study"
+    typer.echo(f"\nThe full study (all arms, five seeds):\n  {cmd}")
