@@ -62,6 +62,9 @@ class CallOutcome:
     def value(self) -> Any:
         return to_python(self.encoded) if self.encoded is not None else self._value
 
+    def __reduce__(self) -> tuple:  # pickle and copy: through __init__, as attributes cannot be set
+        return (_outcome_from, (self.ok, self._value, self.error, self.eq_always_true, self.kind, self.encoded))
+
     def _key(self) -> tuple:
         return (self.ok, self.error, self.eq_always_true, self.kind, self.encoded, self._value)
 
@@ -73,6 +76,10 @@ class CallOutcome:
     def __repr__(self) -> str:
         shown = f"<{self.encoded.nodes} items>" if self.encoded is not None else repr(self._value)
         return f"CallOutcome(ok={self.ok}, value={shown}, error={self.error!r}, eq_always_true={self.eq_always_true})"
+
+
+def _outcome_from(ok, value, error, eq_always_true, kind, encoded) -> CallOutcome:
+    return CallOutcome(ok, value, error, eq_always_true, kind, encoded=encoded)
 
 
 NOT_EVALUATED = CallOutcome(False, None, "not evaluated")

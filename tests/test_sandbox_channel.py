@@ -249,3 +249,15 @@ def test_hostile_values_written_by_a_program_give_crash_or_memory(name):
     assert not correct and res.status in ("ok", "crash", "memory"), (res.status, res.error)
     if name != "colliding_set_40k":
         assert res.status in ("crash", "memory"), (res.status, res.error)
+
+
+def test_an_outcome_is_immutable_and_survives_pickle_and_copy():
+    import copy
+    import pickle
+
+    chan = read_channel(frame(good_call(0, {"s": [1, 2]})) + frame(good_call(1)) + END, 2)
+    out = chan.calls[0]
+    for twin in (pickle.loads(pickle.dumps(out)), copy.deepcopy(out)):
+        assert twin == out and twin.value == {1, 2}
+    with pytest.raises(AttributeError):
+        out.ok = False
