@@ -6,6 +6,12 @@ negative, boolean or repeated, frames out of order, a forged end before the call
 and the same grammar checked directly on `read_channel`. Each run's status is ok, crash, timeout or memory, never
 infra_error, and the program is never graded correct. Setup success travels on its own pipe (`_harness.SETUP_FD`),
 closed before the program starts: a program that writes there finds it closed.
+
+Issue 18 (item 6): hostile values on the channel. A list nested 420, 1,000 or 100,000 deep is a `crash`, never an
+exception in the grader (finding 8); 40,000 keys that all hash to 0, in a set, frozenset or dict, are kept and
+compared without any hash table of them being built (finding 9); 1, 6 and 30 MiB of `[[],[],...]` leave the
+grader's traced peak under 2 MiB (finding 10), and a result keeps a value as its encoded text. The same values
+written by a program in the sandbox give `crash` or `memory`.
 """
 
 from __future__ import annotations
