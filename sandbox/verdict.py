@@ -17,6 +17,13 @@ compared directly; any other (`_v0 == -inf`, `is_same_list(_v0, list_node([...])
 built from the problem's `setup_code`, trusted dataset code, where ListNode/TreeNode values are rebuilt with its
 `list_node` / `tree_node` (a node value is never equal to a plain list, as in the reference harness).
 This module does not run model code itself, and does not grade HumanEval-style `check()` tests (see executor).
+
+The returned values arrive encoded (`_channel.CallOutcome.encoded`). A `_v0 == <literal>` check reads the value
+only when its node count equals the expected value's (equal values have equal counts), then compares canonical
+forms (`_value.canonical`: Python's `==` exactly, by sorting, with no hashing of the program's data). Any other
+check gets plain Python objects, built only for values of at most `max(_EVAL_NODES, 4 * len(check))` items, and a
+set or dict whose keys collide in one hash value more than `_value.MAX_SAME_HASH` times fails the check. Nothing
+a program returns makes `correct_from_result` raise.
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sandbox.executor import CheckJob, ExecutionResult, Limits, NodeList, execute
+from sandbox._value import ChannelError, Encoded, canonical, encode_trusted, to_python, tokens
+from sandbox.executor import CallOutcome, CheckJob, ExecutionResult, Limits, execute
 
 _NO_LITERAL = object()
+_EVAL_NODES = 1 << 12  # items a value may have for a check other than `_v0 == <literal>` (at least)
 
 
 @dataclass(frozen=True)
@@ -108,39 +117,37 @@ def _compiled(check: str):
     return compile(check, "<check>", "eval")
 
 
-def _materialise(value: Any, ns: dict) -> Any:
-    """Rebuild ListNode/TreeNode values with the setup code's own builders (or an opaque object without them)."""
-    if isinstance(value, NodeList):
-        inner = [_materialise(v, ns) for v in value]
-        build = ns.get("list_node" if value.kind == "ListNode" else "tree_node")
-        return build(inner) if callable(build) else object()
-    if isinstance(value, list):
-        return [_materialise(v, ns) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_materialise(v, ns) for v in value)
-    if isinstance(value, dict):
-        return {k: _materialise(v, ns) for k, v in value.items()}
-    return value
-
-
-def _has_nodes(value: Any) -> bool:
-    if isinstance(value, NodeList):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_has_nodes(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_nodes(v) for v in value.values())
-    return False
-
-
-def _check_passes(spec: AssertSpec, values: list[Any], setup_code: str) -> bool:
-    if not any(_has_nodes(v) for v in values):
-        literal = _literal_rhs(spec.check)
-        if literal is not _NO_LITERAL:
-            return bool(values[0] == literal)
-    ns = dict(_setup_namespace(setup_code))
-    ns.update({f"_v{i}": _materialise(v, ns) for i, v in enumerate(values)})
+@functools.lru_cache(maxsize=4096)
+def _expected(check: str) -> tuple[int, tuple] | None:
+    """(node count, canonical form) of the literal of a `_v0 == <literal>` check; None when it is not one. A
+    literal that no program could return (`...`) gets a count no value has."""
+    literal = _literal_rhs(check)
+    if literal is _NO_LITERAL:
+        return None
     try:
+        enc = encode_trusted(literal)
+        return enc.nodes, canonical(tokens(enc))
+    except (ChannelError, RecursionError):
+        return -1, ()
+
+
+def _encoded(out: CallOutcome) -> Encoded:
+    return out.encoded if out.encoded is not None else encode_trusted(out.value)
+
+
+def _check_passes(spec: AssertSpec, outs: Sequence[CallOutcome], setup_code: str) -> bool:
+    """Does the check hold on the calls' values? Builds nothing larger than the expected value from them."""
+    values = [_encoded(o) for o in outs]
+    expected = None if any(v.has_nodes for v in values) else _expected(spec.check)
+    if expected is not None:  # equal values have equal node counts: only a value of the expected size is read
+        nodes, canon = expected
+        return values[0].nodes == nodes and canonical(tokens(values[0])) == canon
+    if any(v.nodes > max(_EVAL_NODES, 4 * len(spec.check)) for v in values):
+        return False  # larger than anything the check's text describes
+    ns = dict(_setup_namespace(setup_code))
+    builders = {"ListNode": ns.get("list_node"), "TreeNode": ns.get("tree_node")}
+    try:
+        ns.update({f"_v{i}": to_python(v, builders) for i, v in enumerate(values)})
         return bool(eval(_compiled(spec.check), ns))
     except Exception:  # noqa: BLE001 - a check that raises on the returned value is a failed assert
         return False
@@ -157,7 +164,10 @@ def correct_from_result(specs: Sequence[AssertSpec], result: ExecutionResult, se
         pos += len(spec.calls)
         if not all(o.ok and not o.eq_always_true for o in outs):
             return False
-        if not _check_passes(spec, [o.value for o in outs], setup_code):
+        try:
+            if not _check_passes(spec, outs, setup_code):
+                return False
+        except (ChannelError, RecursionError, MemoryError):  # a value the check cannot take fails it
             return False
     return True
 
