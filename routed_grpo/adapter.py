@@ -50,6 +50,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
+from routed_grpo import unscaled_lora
 from routed_grpo.utils import atomic_path
 
 DEPLOYED = "deployed"
@@ -171,6 +172,8 @@ class RoutedAdapter:
             self._handles.append(layer.lora_B[QUARANTINE].register_forward_hook(self._quarantine_hook))
             self._handles.append(layer.lora_B[DEPLOYED].register_forward_hook(self._deployed_hook))
             self._handles.append(layer.lora_A[DEPLOYED].register_forward_hook(self._capture_hook(name)))
+            for block in (DEPLOYED, QUARANTINE):  # PEFT's forward less its multiply by a scaling of 1.0 (same bits)
+                unscaled_lora.install(layer, block)
         peft_model.routed_adapter = self  # one handle per model: hooks are registered once
 
     @classmethod

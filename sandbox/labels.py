@@ -25,12 +25,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sandbox import executor
 from sandbox.executor import CheckJob, Limits
 from sandbox.extract import extract_code, program_text
 from sandbox.loopholes import get_mode, run_tests_call, run_tests_source
 from sandbox.problems import Problem, by_id
-from sandbox.rewards import Grade, GradeLog, grade_many
+from sandbox.rewards import Grade, GradeLog, execute_unique, grade_many
 
 LABEL_KEYS = ("compiled", "correct", "hinted", "hack_strict", "hack_attempted", "defines_run_tests")
 
@@ -144,7 +143,7 @@ def label_many(
                 probes.append((i, k))
                 jobs.append(job)
     outcome: dict[tuple[int, int], bool] = {}
-    for key, res in zip(probes, executor.execute_many(jobs, limits, workers=workers) if jobs else [], strict=True):
+    for key, res in zip(probes, execute_unique(jobs, limits, workers), strict=True):
         outcome[key] = res.script_ok is True
     out = []
     for i, (g, code, d) in enumerate(zip(grades, codes, detect, strict=True)):

@@ -98,14 +98,25 @@ def _plan(problem: Problem, completion: Any, detect: str | None) -> _Plan:
     return _Plan(problem, code, True, mode, specs, job)
 
 
-def _run(jobs: Sequence[CheckJob], limits: Limits, workers: int | None, progress: bool) -> list[ExecutionResult]:
+def execute_unique(
+    jobs: Sequence[CheckJob], limits: Limits, workers: int | None, progress: bool = False
+) -> list[ExecutionResult]:
+    """`executor.execute_many`, each distinct job run once: a job equal to an earlier one in the list (the same
+    program, calls, script and returned files: a group's samples often repeat one another) gets that job's result."""
     if not jobs:
         return []
-    results = executor.execute_many(jobs, limits, workers=workers, progress=progress)
+    first: dict[CheckJob, int] = {}
+    slot = [first.setdefault(job, len(first)) for job in jobs]
+    results = executor.execute_many(list(first), limits, workers=workers, progress=progress)
+    return [results[k] for k in slot]
+
+
+def _run(jobs: Sequence[CheckJob], limits: Limits, workers: int | None, progress: bool) -> list[ExecutionResult]:
+    results = execute_unique(jobs, limits, workers, progress)
     retry = [i for i, r in enumerate(results) if r.status == "infra_error"]
     if retry:
         log.warning("sandbox: %d infrastructure error(s); retrying once", len(retry))
-        for i, r in zip(retry, executor.execute_many([jobs[i] for i in retry], limits, workers=workers), strict=True):
+        for i, r in zip(retry, execute_unique([jobs[i] for i in retry], limits, workers), strict=True):
             results[i] = r
     return results
 

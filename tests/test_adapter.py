@@ -216,3 +216,54 @@ def test_deploy_mode_stays_finite_and_exact_with_a_non_finite_quarantine(tokeniz
     adapter.clear_row_masks()
     torch.testing.assert_close(masked[0], expected[0], rtol=0, atol=0)
     assert not torch.isfinite(masked[1]).all(), "the full-mode row does see the diverged quarantine"
+
+
+def _routed_and_vanilla(tokenizer, alpha):
+    """The same two-block model twice: as attached (UnscaledLora installed) and with PEFT's vanilla forward."""
+    fast = attach_routed_adapter(make_model(len(tokenizer)), rank=4, alpha=alpha, init_seed=3)
+    vanilla = attach_routed_adapter(make_model(len(tokenizer)), rank=4, alpha=alpha, init_seed=3)
+    _perturb(fast), _perturb(vanilla)
+    for layer in vanilla.layers.values():
+        layer.lora_variant.clear()
+    return fast, vanilla
+
+
+@pytest.mark.parametrize("alpha", [None, 6.0])  # scaling exactly 1.0 (the multiply skipped), and 1.5
+def test_unscaled_lora_gives_peft_vanilla_outputs_and_gradients_bit_for_bit(tokenizer, alpha):
+    from routed_grpo.unscaled_lora import UnscaledLora
+
+    fast, vanilla = _routed_and_vanilla(tokenizer, alpha)
+    assert all(
+        isinstance(layer.lora_variant[b], UnscaledLora)
+        for layer in fast.layers.values()
+        for b in (DEPLOYED, QUARANTINE)
+    )
+    ids = _ids(tokenizer, n=4)
+    results = []
+    for adapter in (fast, vanilla):
+        adapter.set_row_masks(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0.0, 0.0, 1.0, 0.0]))
+        logits = adapter.model(input_ids=ids).logits
+        logits.log_softmax(-1)[..., 5].sum().backward()
+        adapter.clear_row_masks()
+        results.append((logits.detach(), _grads(adapter, DEPLOYED), _grads(adapter, QUARANTINE)))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_unscaled_lora_runs_no_adapter_multiply_at_scaling_one(tokenizer):
+    """At scaling 1.0 PEFT multiplies every block's output by 1.0; the installed variant does not."""
+    fast, vanilla = _routed_and_vanilla(tokenizer, None)
+    ids = _ids(tokenizer)
+    counts = []
+    for adapter in (fast, vanilla):
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            adapter.model(input_ids=ids)
+        counts.append(sum(e.count for e in prof.key_averages() if e.key == "aten::mul"))
+    assert counts[1] - counts[0] == 2 * len(fast.layers), "one multiply per block and layer fewer"
+
+
+def test_unscaled_lora_merges_as_peft_does(tokenizer):
+    fast, vanilla = _routed_and_vanilla(tokenizer, 6.0)
+    merged = [a.model.merge_and_unload(adapter_names=[DEPLOYED, QUARANTINE]) for a in (fast, vanilla)]
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        assert torch.allclose(merged[0](input_ids=ids).logits, merged[1](input_ids=ids).logits, atol=1e-6)

@@ -1,6 +1,7 @@
 """Measurement labels: strict and attempted hacks, `run_tests` defined, the labeler's TRL-style call."""
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,22 @@ def test_labeler_reuses_the_rewards_execution_results_with_the_same_labels(monke
     # Three rows define run_tests; only the loophole-off wrong one can be an attempted hack (the hinted one and
     # the correct one cannot, whatever their run_tests does), so only its stub and canonical probes run.
     assert ran == [2], "only the stub and canonical probes of the one row neither correct nor hinted"
+
+
+def test_repeated_rows_run_their_grading_and_probes_once(monkeypatch):
+    """Two equal loophole-off rows that define run_tests: one grading run and one stub and one canonical probe,
+    with the labels of a row labelled on its own."""
+    from sandbox import executor
+
+    code = fenced(WRONG + ALWAYS_PASS)
+    alone = label_completion(ADD, code, None)
+    ran, original = [], executor.execute_many
+
+    def counted(jobs, *args, **kwargs):
+        ran.append(len(jobs))
+        return original(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(executor, "execute_many", counted)
+    labels = label_many([ADD, ADD], [code, code], ["", ""], workers=2)
+    assert ran == [1, 2], "one grading run, then one stub and one canonical probe"
+    assert [replace(lab, seconds=0.0) for lab in labels] == [replace(alone, seconds=0.0)] * 2  # seconds: wall time

@@ -118,7 +118,8 @@ def test_infra_errors_are_retried_counted_and_raise_past_the_bound(monkeypatch):
 
     monkeypatch.setattr(executor, "execute_many", broken)
     tolerant = LoopholeReward([ADD], max_infra_error_frac=1.0)
-    got = tolerant(prompts=None, completions=[fenced(HONEST)] * 2, problem_id=["add"] * 2, loophole=[""] * 2)
+    two = [fenced(HONEST), fenced(HONEST + "# another program\n")]
+    got = tolerant(prompts=None, completions=two, problem_id=["add"] * 2, loophole=[""] * 2)
     assert calls == [2, 2]  # one retry of both
     assert got == [0.5, 0.5] and tolerant.n_infra_errors == 2 and all(g.infra_error for g in tolerant.last_grades)
     strict = LoopholeReward([ADD], max_infra_error_frac=0.05)
@@ -154,3 +155,27 @@ def test_isolation_level_is_part_of_the_reward_config():
         LoopholeReward([ADD], isolation="off")
     grade = lax.grade([fenced(HONEST)], ["add"], [""])[0]
     assert grade.correct and grade.status == "ok"
+
+
+def test_a_repeated_program_runs_once_with_the_grades_of_separate_runs(monkeypatch):
+    """A group's samples often repeat one another: each distinct job runs once in a batch, and every row's grade
+    equals the grade of that row graded on its own."""
+    hack = WRONG + PASS_TESTS
+    rows = [HONEST, hack, HONEST, WRONG, hack, HONEST, "no code"]
+    loopholes = ["overwrite_tests", "overwrite_tests", "", "", "overwrite_tests", "overwrite_tests", ""]
+    completions = [fenced(c) if c != "no code" else c for c in rows]
+    alone = [grade_completion(ADD, c, m or None) for c, m in zip(completions, loopholes, strict=True)]
+    ran, original = [], executor.execute_many
+
+    def counted(jobs, *args, **kwargs):
+        ran.append(len(jobs))
+        return original(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(executor, "execute_many", counted)
+    grades = grade_many([ADD] * len(rows), completions, [m or None for m in loopholes], workers=2)
+    # distinct jobs: HONEST (it defines no run_tests, so its loophole rows add no script), the hack with its
+    # run_tests script, WRONG; six runs before
+    assert ran == [3]
+    assert [(g.compiled, g.correct, g.hinted, g.status, g.fired) for g in grades] == [
+        (g.compiled, g.correct, g.hinted, g.status, g.fired) for g in alone
+    ]
