@@ -92,7 +92,8 @@ def _check_pid_namespace() -> object:
 
 
 def _check_network() -> object:
-    names = [n for _, n in socket.if_nameindex()]
+    with open("/proc/net/dev") as f:  # not socket.if_nameindex(): it needs a netlink socket, which is refused
+        names = [line.split(":", 1)[0].strip() for line in f.read().splitlines()[2:] if ":" in line]
     s = socket.socket()
     s.settimeout(0.2)
     try:

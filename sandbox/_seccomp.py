@@ -2,15 +2,28 @@
 
 Built once per zygote with libseccomp (through the `pyseccomp` binding) and exported as raw BPF; each job's child
 installs those bytes itself with `prctl(PR_SET_SECCOMP)` after `PR_SET_NO_NEW_PRIVS`, so no job pays for
-libseccomp's compilation. Default action: allow. Denied with EPERM: the system calls no solution needs and that
+libseccomp's compilation (the zygote itself stays unfiltered: it mounts a fresh `/tmp` and enters a fresh IPC
+namespace for every job). Default action: allow. Denied with EPERM: the system calls no solution needs and that
 widen what a process can reach or observe (namespaces, mounts, tracing, kernel keyrings, BPF, perf, kernel
 modules, io_uring, changing its own scheduling class or priority so that it starves for CPU, clock and host
 settings); `clone` with any namespace flag; `clone3` answers ENOSYS, so that libc falls back to `clone`, whose
 flags the filter can see. A syscall from another ABI (for example i386 on x86_64) kills the process
 (libseccomp's default for a foreign architecture).
 
-Not covered: names that the installed libseccomp does not know are skipped (`skipped` lists them); the filter is
-a deny list, not an allow list, so a system call added to the kernel later is allowed.
+Shared kernel objects that could carry data between concurrent jobs (every job binds the same read-only inodes of
+the standard library): file locks are denied (`flock`, and `fcntl` record, open-file-description and lease
+commands: EPERM), as are file-change notifications (`inotify_*`, `fcntl(F_NOTIFY)`, `fanotify_init`) and page
+cache residency queries (`mincore`, `cachestat`, `preadv2`/`pwritev2` with `RWF_NOWAIT`). `sqlite3` in memory
+needs no lock and works; a database file in the job's `/tmp` cannot be locked, so sqlite reports an error on it
+(the `unix-none` VFS, `sqlite3.connect("file:x.db?vfs=unix-none", uri=True)`, works).
+
+Socket families are an allow-list: `socket` and `socketpair` succeed for `AF_UNIX`, `AF_INET` and `AF_INET6` only
+(what the empty network namespace has), any other family answers EAFNOSUPPORT (so netlink, packet and vsock
+sockets are refused).
+
+Not covered: names that the installed libseccomp does not know are skipped (`skipped` lists them); apart from the
+socket families the filter is a deny list, not an allow list, so a system call added to the kernel later is
+allowed; timing side channels (CPU contention, page cache timing) between concurrent jobs are not closed.
 """
 
 from __future__ import annotations
@@ -33,7 +46,13 @@ DENIED = (
     " kexec_load kexec_file_load init_module finit_module delete_module reboot swapon swapoff acct quotactl"
     " syslog settimeofday clock_settime clock_adjtime adjtimex sethostname setdomainname iopl ioperm vhangup"
     " nfsservctl uselib"
+    # shared kernel objects that could carry data between jobs: locks, change notifications, page cache residency
+    " flock inotify_init inotify_init1 inotify_add_watch mincore cachestat"
 ).split()
+# fcntl commands: F_GETLK F_SETLK F_SETLKW, F_OFD_GETLK F_OFD_SETLK F_OFD_SETLKW, F_SETLEASE F_GETLEASE F_NOTIFY
+DENIED_FCNTL = (5, 6, 7, 36, 37, 38, 1024, 1025, 1026)
+SOCKET_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6: every other family is refused
+_RWF_NOWAIT = 0x8
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
@@ -52,6 +71,11 @@ def build_bpf(pyseccomp) -> tuple[bytes, list[str]]:
         filt.add_rule(eperm, nr)
     for flag in NAMESPACE_FLAGS:
         filt.add_rule(eperm, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
+    for cmd in DENIED_FCNTL:
+        filt.add_rule(eperm, "fcntl", pyseccomp.Arg(1, pyseccomp.EQ, cmd))
+    for call in ("preadv2", "pwritev2"):
+        filt.add_rule(eperm, call, pyseccomp.Arg(5, pyseccomp.MASKED_EQ, _RWF_NOWAIT, _RWF_NOWAIT))
+    _socket_allow_list(pyseccomp, filt)
     if pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, "clone3") >= 0:
         filt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
     fd = os.memfd_create("seccomp-bpf")
@@ -65,6 +89,18 @@ def build_bpf(pyseccomp) -> tuple[bytes, list[str]]:
     if not data or len(data) % 8:
         raise OSError(f"libseccomp exported {len(data)} bytes of BPF (expected a multiple of 8)")
     return data, skipped
+
+
+def _socket_allow_list(pyseccomp, filt) -> None:
+    """`socket` and `socketpair` answer EAFNOSUPPORT for every family but SOCKET_FAMILIES (compared as 64-bit
+    values: a family with any high bit set is refused too)."""
+    refuse = pyseccomp.ERRNO(errno.EAFNOSUPPORT)
+    top = max(SOCKET_FAMILIES)
+    for call in ("socket", "socketpair"):
+        filt.add_rule(refuse, call, pyseccomp.Arg(0, pyseccomp.GT, top))
+        for family in range(top):
+            if family not in SOCKET_FAMILIES:
+                filt.add_rule(refuse, call, pyseccomp.Arg(0, pyseccomp.EQ, family))
 
 
 class _SockFprog(ctypes.Structure):

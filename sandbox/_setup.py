@@ -125,21 +125,18 @@ def _strict(server, config: dict, root_user: bool) -> dict:
         _step("cgroup (joining)", server.cgroup.join)
     _step("pivot_root", _isolation.pivot_into_root)
     plan.close()
-    # The zygote needs none of the denied calls from here on: its filter is inherited by every child at no cost.
-    _step("seccomp", seccomp.install)
-    if not root_user:  # in the user namespace the zygote needs no capability any more; children inherit none
-        _step("dropping capabilities", _isolation.drop_capabilities)
+    # The zygote keeps what it needs to mount each job's /tmp and enter a fresh IPC namespace per job (no filter;
+    # without root, its capabilities in the user namespace): each child drops its capabilities (as root, the uid
+    # change does) and installs the filter itself, last, before the program runs.
     ctx = server.ctx
     ctx.uid = _isolation_uid() if root_user else None
     ctx.nproc_extra = 0 if root_user else 2  # without root the zygote and init share the job's uid
+    ctx.confine = ([] if root_user else [_isolation.drop_capabilities]) + [seccomp.install]
     bound = sorted(plan.binds) + plan.devices + plan.masks
     ours = [*bound, "/tmp", "/proc", "/dev"]
     absent = [p for p in (*HOST_PATHS, *config.get("absent", ())) if p != "/" and not any(_under(b, p) for b in ours)]
     tops = {p.split("/")[1] for p in (*plan.binds, *plan.devices, *plan.symlinks)} | {"dev", "proc", "tmp"}
-    cgroups = []
-    if server.cgroup is not None:
-        rel = f"/{_cgroup.CGROUP_NAME}/z{os.getpid()}"
-        cgroups = [["", rel]] if server.cgroup.v2 else [["memory", rel], ["pids", rel]]
+    cgroups = [[ctl, rel] for ctl, rel in server.cgroup.rel.items()] if server.cgroup is not None else []
     return {
         "strict": True,
         "uid": ctx.uid,
@@ -180,7 +177,7 @@ def setup(server, config: dict) -> dict:
     verified = run_probe(server, expect, config)
     prot = [name for name, ok in verified.items() if ok is True] + list(BY_CONSTRUCTION)
     missing = [name for name in need if verified.get(name) is not True]
-    reason = "; ".join(f"{name}: {verified.get(name, 'not checked')}" for name in missing)
+    reason = verified.get("probe") or "; ".join(f"{name}: {verified.get(name, 'not checked')}" for name in missing)
     return {
         "k": "hello",
         "protections": prot,
@@ -196,15 +193,12 @@ def run_probe(server, expect: dict, config: dict) -> dict:
 
     expect = dict(expect, limits=config["probe_limits"])
     call = f"__import__('json').dumps(probe(__import__('json').loads({json.dumps(expect)!r})))"
-    job = {
-        "code": config["probe_source"],
-        "calls": [call],
-        "script": None,
-        "files": [],
-        "limits": config["probe_limits"],
-    }
+    program = json.dumps({"code": config["probe_source"], "calls": [call], "script": None}).encode()
+    payload = os.memfd_create("job", os.MFD_CLOEXEC)
+    os.write(payload, program)
     pipes = [os.pipe() for _ in range(3)]
-    done = server.handle(job, [w for _, w in pipes], _harness.child_main)
+    job = {"files": [], "limits": config["probe_limits"]}
+    done = server.handle(job, [w for _, w in pipes] + [payload], _harness.child_main)
     outputs = []
     for r, _ in pipes:
         chunks = []

@@ -269,22 +269,27 @@ class _Zygote:
             self.proc.wait()
 
     def run(self, job: CheckJob, limits: Limits) -> ExecutionResult:
-        payload = json.dumps(
-            {
-                "code": job.code,
-                "calls": list(job.calls),
-                "script": job.script,
-                "files": list(job.files_to_return),
-                "limits": asdict(limits),
-            }
-        ).encode()
-        pipes = [os.pipe() for _ in range(3)]
+        """The zygote gets the limits and file names; the program itself travels in a memfd that only the job's
+        child reads, so no job's program ever enters the memory later jobs are forked from."""
+        header = json.dumps({"files": list(job.files_to_return), "limits": asdict(limits)}).encode()
+        program = json.dumps({"code": job.code, "calls": list(job.calls), "script": job.script}).encode()
+        payload = os.memfd_create("job", os.MFD_CLOEXEC)
+        pipes = []
         try:
-            socket.send_fds(self.sock, [struct.pack("!I", len(payload))], [w for _, w in pipes])
+            view = memoryview(program)
+            while view:
+                view = view[os.write(payload, view) :]
+            pipes = [os.pipe() for _ in range(3)]
+            socket.send_fds(self.sock, [struct.pack("!I", len(header))], [w for _, w in pipes] + [payload])
+        except OSError:
+            for r, _ in pipes:
+                os.close(r)
+            raise
         finally:
+            os.close(payload)
             for _, w in pipes:
                 os.close(w)
-        self.sock.sendall(payload)
+        self.sock.sendall(header)
         caps = (limits.max_output_bytes, limits.max_output_bytes, _MAX_CHANNEL_BYTES)
         hard_cap = 10 * limits.wall_factor * limits.timeout_s
         bufs, done = self._collect([r for r, _ in pipes], caps, time.monotonic() + hard_cap + _BACKSTOP_S)
@@ -301,6 +306,7 @@ class _Zygote:
             sel.register(fd, selectors.EVENT_READ, i)
         sel.register(self.sock, selectors.EVENT_READ, -1)
         done: dict | None = None
+        files: dict = {}
         try:
             while done is None:
                 left = deadline - time.monotonic()
@@ -310,6 +316,8 @@ class _Zygote:
                 for key, _ in sel.select(left):
                     if key.data == -1:
                         done = self._recv()
+                        if done.get("k") == "files":  # sent by the zygote's file reader, before `done`
+                            files, done = done, None
                     elif not self._read_into(key.fd, bufs[key.data], caps[key.data]):
                         sel.unregister(key.fd)
             for i, fd in enumerate(fds):  # everything of the job is dead now: drain without blocking
@@ -322,6 +330,10 @@ class _Zygote:
             sel.close()
             for fd in fds:
                 os.close(fd)
+        if files:
+            done = dict(done, files=files.get("files") or {})
+            if files.get("error") and not done.get("error"):
+                done["error"] = files["error"]
         return [bytes(b) for b in bufs], done
 
     @staticmethod
