@@ -176,6 +176,8 @@ def setup(server, config: dict) -> dict:
         return {"k": "hello", "protections": [], "missing": [e.step], "reason": str(e)}
     verified = run_probe(server, expect, config)
     prot = [name for name, ok in verified.items() if ok is True] + list(BY_CONSTRUCTION)
+    if server.counts_cpu:  # the kernel counts every process of the job, also those it reaps itself
+        prot.append("job_cpu_cgroup")
     missing = [name for name in need if verified.get(name) is not True]
     reason = verified.get("probe") or "; ".join(f"{name}: {verified.get(name, 'not checked')}" for name in missing)
     return {
