@@ -12,10 +12,12 @@ flags the filter can see. A syscall from another ABI (for example i386 on x86_64
 
 Shared kernel objects that could carry data between concurrent jobs (every job binds the same read-only inodes of
 the standard library): file locks are denied (`flock`, and `fcntl` record, open-file-description and lease
-commands: EPERM), as are file-change notifications (`inotify_*`, `fcntl(F_NOTIFY)`, `fanotify_init`) and page
-cache residency queries (`mincore`, `cachestat`, `preadv2`/`pwritev2` with `RWF_NOWAIT`). `sqlite3` in memory
-needs no lock and works; a database file in the job's `/tmp` cannot be locked, so sqlite reports an error on it
-(the `unix-none` VFS, `sqlite3.connect("file:x.db?vfs=unix-none", uri=True)`, works).
+commands: EPERM), as are file-change notifications (`inotify_*`, `fcntl(F_NOTIFY)`, `fanotify_init`), page
+cache residency queries (`mincore`, `cachestat`, `preadv2`/`pwritev2` with `RWF_NOWAIT`) and futex wakes that are
+not process-private (`futex` wake and requeue commands without `FUTEX_PRIVATE_FLAG`, `futex_wake`,
+`futex_requeue`): a shared futex on a page of a shared file is keyed by its inode, so it would reach other jobs.
+`sqlite3` in memory needs no lock and works; a database file in the job's `/tmp` cannot be locked, so sqlite
+reports an error on it (the `unix-none` VFS, `sqlite3.connect("file:x.db?vfs=unix-none", uri=True)`, works).
 
 Socket families are an allow-list: `socket` and `socketpair` succeed for `AF_UNIX`, `AF_INET` and `AF_INET6` only
 (what the empty network namespace has), any other family answers EAFNOSUPPORT (so netlink, packet and vsock
@@ -23,7 +25,8 @@ sockets are refused).
 
 Not covered: names that the installed libseccomp does not know are skipped (`skipped` lists them); apart from the
 socket families the filter is a deny list, not an allow list, so a system call added to the kernel later is
-allowed; timing side channels (CPU contention, page cache timing) between concurrent jobs are not closed.
+allowed; channels through shared resources and global counters are not closed (CPU contention, page cache timing,
+free memory, the load average, inode numbers of pipes and sockets, which the kernel numbers machine-wide).
 """
 
 from __future__ import annotations
@@ -47,8 +50,13 @@ DENIED = (
     " syslog settimeofday clock_settime clock_adjtime adjtimex sethostname setdomainname iopl ioperm vhangup"
     " nfsservctl uselib"
     # shared kernel objects that could carry data between jobs: locks, change notifications, page cache residency
-    " flock inotify_init inotify_init1 inotify_add_watch mincore cachestat"
+    " flock inotify_init inotify_init1 inotify_add_watch mincore cachestat futex_wake futex_requeue"
 ).split()
+# futex commands that wake or requeue waiters: refused unless FUTEX_PRIVATE_FLAG (128) is set, so that no job wakes a
+# waiter of another job on a page of a shared file (a shared futex key is the file's inode and offset). Shared
+# waits stay allowed (glibc's pthread_join waits on a shared futex that the kernel wakes).
+SHARED_FUTEX_WAKERS = (1, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13)
+_FUTEX_CMD_AND_PRIVATE = 0x7F | 128
 # fcntl commands: F_GETLK F_SETLK F_SETLKW, F_OFD_GETLK F_OFD_SETLK F_OFD_SETLKW, F_SETLEASE F_GETLEASE F_NOTIFY
 DENIED_FCNTL = (5, 6, 7, 36, 37, 38, 1024, 1025, 1026)
 SOCKET_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6: every other family is refused
@@ -71,6 +79,8 @@ def build_bpf(pyseccomp) -> tuple[bytes, list[str]]:
         filt.add_rule(eperm, nr)
     for flag in NAMESPACE_FLAGS:
         filt.add_rule(eperm, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
+    for cmd in SHARED_FUTEX_WAKERS:
+        filt.add_rule(eperm, "futex", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _FUTEX_CMD_AND_PRIVATE, cmd))
     for cmd in DENIED_FCNTL:
         filt.add_rule(eperm, "fcntl", pyseccomp.Arg(1, pyseccomp.EQ, cmd))
     for call in ("preadv2", "pwritev2"):

@@ -30,9 +30,9 @@ are forked from: the program travels in a memfd that only the job's child reads,
 child straight to this process, returned files come from a reader process forked for the job. Nothing a job made
 outlives it: its processes are killed, its `/tmp` tmpfs is unmounted, its System V IPC objects are removed and
 the next job gets a fresh IPC namespace. Between concurrent jobs, which bind the same read-only files, file locks,
-change notifications and page cache residency queries are refused (`_seccomp.py`: `sqlite3` in memory works, a
-database file in `/tmp` gives `sqlite3.OperationalError`), and socket families are an allow-list (`AF_UNIX`,
-`AF_INET`, `AF_INET6`, in an empty network namespace).
+change notifications, page cache residency queries and futex wakes that are not process-private are refused
+(`_seccomp.py`: `sqlite3` in memory works, a database file in `/tmp` gives `sqlite3.OperationalError`), and socket
+families are an allow-list (`AF_UNIX`, `AF_INET`, `AF_INET6`, in an empty network namespace).
 
 Time. `timeout_s` is CPU time of the whole job, so a verdict does not depend on how busy the machine is. As root
 the kernel counts it (the job cgroup's cpuacct counter, protection `job_cpu_cgroup`): every process of the job,
@@ -62,7 +62,8 @@ program (`_harness.py`) and cleans up after it (`_cleanup.py`); stdout/stderr ar
 `max_output_bytes`.
 
 Not covered: programs cannot import site-packages; apart from socket families the seccomp filter is a deny list;
-timing side channels between concurrent jobs (CPU contention, page cache timing) are not closed; without root
+channels between concurrent jobs through shared resources and global counters are not closed (CPU contention,
+page cache timing, free memory, machine-wide inode numbers of pipes and sockets); without root
 there is no cgroup (memory is bounded per process by RLIMIT_AS, processes by RLIMIT_NPROC in the user namespace,
 the private /tmp by its 2 GiB size, and CPU as said above); under cgroup v2 the caller's cgroup must be able to
 enable the memory and pids controllers for its children, else `strict` is refused; the system library directories

@@ -112,6 +112,26 @@ def test_file_locks_and_notifications_on_shared_files_are_refused():
     assert got == {name: errno.EPERM for name in got}, got
 
 
+FUTEX = r"""
+import ctypes, mmap, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+NR = {"x86_64": 202, "aarch64": 98}[os.uname().machine]
+def wake(op):
+    with open(os.__file__, "rb") as f:  # a page of a file every job maps: a shared futex key is its inode
+        m = mmap.mmap(f.fileno(), 4096, access=mmap.ACCESS_COPY)  # never written: still the file's page
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    args = (ctypes.c_void_p(addr), ctypes.c_int(op), ctypes.c_int(1), None, None, ctypes.c_int(0))
+    ret = libc.syscall(ctypes.c_long(NR), *args)
+    return ret if ret >= 0 else -ctypes.get_errno()
+"""
+
+
+def test_shared_futex_wakes_are_refused_private_ones_work():
+    shared_wake, private_wake = job_values(FUTEX, "wake(1)", "wake(1 | 128)")
+    assert shared_wake == -errno.EPERM and private_wake == 0
+
+
 def test_sqlite_in_memory_works_and_a_database_file_fails_cleanly():
     code = (
         "import sqlite3\ndef mem():\n    c = sqlite3.connect(':memory:')\n    c.execute('create table t(x)')\n"
