@@ -224,9 +224,10 @@ def _make_v2_cgroup(mount: tuple[str, str], rel: str) -> str:
         _write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids")
     except OSError as e:
         raise OSError(f"cannot enable memory and pids for the children of the caller's cgroup {base}: {e}") from None
-    path = _make_cgroup(mount, rel)
-    _write(os.path.join(os.path.dirname(path), "cgroup.subtree_control"), "+memory +pids")
-    return path
+    ours = os.path.dirname(_under_mount(mount, rel))
+    os.makedirs(ours, exist_ok=True)
+    _write(os.path.join(ours, "cgroup.subtree_control"), "+memory +pids")
+    return _make_cgroup(mount, rel)
 
 
 def _make_cgroup(mount: tuple[str, str], rel: str) -> str:

@@ -39,13 +39,14 @@ def drop_job_tmp(path: str = "/tmp") -> None:
 
 
 def clear_ipc() -> None:
-    """Remove every System V IPC object of this IPC namespace (their memory is freed now), then enter a fresh IPC
-    namespace for the next job (which also drops POSIX message queues, which no file lists)."""
+    """Remove every System V IPC object of this IPC namespace (their memory is freed now, not when the namespace is
+    torn down later), then enter a fresh IPC namespace for the next job (which also drops POSIX message queues,
+    which no file lists, and anything a removal missed: a failed removal is no error)."""
     for kind, rm in (("shm", _shm_rm), ("sem", _sem_rm), ("msg", _msg_rm)):
         with open(f"/proc/sysvipc/{kind}") as f:
             ids = [int(line.split()[1]) for line in f.read().splitlines()[1:] if line.strip()]
         for ident in ids:
-            _check(rm(ident), f"removing {kind} {ident}")
+            rm(ident)
     _check(_LIBC.unshare(_CLONE_NEWIPC), "unshare(CLONE_NEWIPC)")
 
 
