@@ -159,8 +159,8 @@ class Job:
     def cpu_final(self, main_rusage) -> float:
         if self.s.counts_cpu:
             return self._counter()
-        own = main_rusage.ru_utime + main_rusage.ru_stime
-        floor = sum(v for k, v in self.seen.items() if k[0] != str(self.ns_main)) + own
+        own = main_rusage.ru_utime + main_rusage.ru_stime  # with the children it waited for
+        floor = sum(self.seen.values())  # each process's own time at its last sample: nothing counted twice
         if self.s.strict:
             return max(floor, own + max(0.0, _stat_cpu(1) - self.clock0[0]))
         now = resource.getrusage(resource.RUSAGE_CHILDREN)  # everything the zygote reaped during the job
