@@ -1,14 +1,15 @@
 """The seccomp filter of a sandboxed job (stdlib plus `pyseccomp`, loaded by the zygote from a file path).
 
-Built once per zygote with libseccomp (through the `pyseccomp` binding) and exported as raw BPF; each job's child
-installs those bytes itself with `prctl(PR_SET_SECCOMP)` after `PR_SET_NO_NEW_PRIVS`, so no job pays for
-libseccomp's compilation (the zygote itself stays unfiltered: it mounts a fresh `/tmp` and enters a fresh IPC
-namespace for every job). Default action: allow. Denied with EPERM: the system calls no solution needs and that
-widen what a process can reach or observe (namespaces, mounts, tracing, kernel keyrings, BPF, perf, kernel
-modules, io_uring, changing its own scheduling class or priority so that it starves for CPU, clock and host
-settings); `clone` with any namespace flag; `clone3` answers ENOSYS, so that libc falls back to `clone`, whose
-flags the filter can see. A syscall from another ABI (for example i386 on x86_64) kills the process
-(libseccomp's default for a foreign architecture).
+Built once per zygote with libseccomp (through the `pyseccomp` binding) and exported as raw BPF; each job's child gets
+it in two layers, so that no job pays for libseccomp's compilation nor for the kernel's preparation of the whole
+filter: the zygote installs all of it but `mount`, `umount2` and `unshare` (it mounts a fresh `/tmp` and enters a fresh
+IPC namespace for every job), and each child inherits that and installs a small filter denying those three itself
+(`prctl(PR_SET_SECCOMP)` after `PR_SET_NO_NEW_PRIVS`). Default action: allow. Denied with EPERM: the system calls no
+solution needs and that widen what a process can reach or observe (namespaces, mounts, tracing, kernel keyrings, BPF,
+perf, kernel modules, io_uring, changing its own scheduling class or priority so that it starves for CPU, clock and
+host settings); `clone` with any namespace flag; `clone3` answers ENOSYS, so that libc falls back to `clone`, whose
+flags the filter can see. A syscall from another ABI (for example i386 on x86_64) kills the process (libseccomp's
+default for a foreign architecture).
 
 Shared kernel objects that could carry data between concurrent jobs (every job binds the same read-only inodes of
 the standard library): file locks are denied (`flock`, and `fcntl` record, open-file-description and lease
@@ -61,22 +62,18 @@ _FUTEX_CMD_AND_PRIVATE = 0x7F | 128
 DENIED_FCNTL = (5, 6, 7, 36, 37, 38, 1024, 1025, 1026)
 SOCKET_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6: every other family is refused
 _RWF_NOWAIT = 0x8
+ZYGOTE_NEEDS = ("mount", "umount2", "unshare")  # per job: a fresh /tmp and IPC namespace
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 
 
-def build_bpf(pyseccomp) -> tuple[bytes, list[str]]:
-    """The filter as raw BPF bytes (struct sock_filter[]), and the denied names this libseccomp did not know."""
+def build_bpf(pyseccomp, leave: tuple[str, ...] = ()) -> tuple[bytes, list[str]]:
+    """The filter as raw BPF bytes (struct sock_filter[]), and the denied names this libseccomp did not know.
+    `leave`: denied names left out (the zygote's layer: see `build_job_bpf`)."""
     filt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     eperm = pyseccomp.ERRNO(errno.EPERM)
-    skipped = []
-    for name in DENIED:
-        nr = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
-        if nr < 0:
-            skipped.append(name)
-            continue
-        filt.add_rule(eperm, nr)
+    skipped = _deny(pyseccomp, filt, [name for name in DENIED if name not in leave])
     for flag in NAMESPACE_FLAGS:
         filt.add_rule(eperm, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
     for cmd in SHARED_FUTEX_WAKERS:
@@ -88,6 +85,30 @@ def build_bpf(pyseccomp) -> tuple[bytes, list[str]]:
     _socket_allow_list(pyseccomp, filt)
     if pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, "clone3") >= 0:
         filt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+    return _export(filt), skipped
+
+
+def build_job_bpf(pyseccomp, names: tuple[str, ...] = ZYGOTE_NEEDS) -> bytes:
+    """A small filter denying only `names`: installed by each job's child on top of the zygote's filter (which
+    leaves them out), so a job gets the whole filter while no job pays for installing all of it (the kernel
+    prepares every filter it installs, in proportion to its size)."""
+    filt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    _deny(pyseccomp, filt, list(names))
+    return _export(filt)
+
+
+def _deny(pyseccomp, filt, names: list[str]) -> list[str]:
+    skipped = []
+    for name in names:
+        nr = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
+        if nr < 0:
+            skipped.append(name)
+            continue
+        filt.add_rule(pyseccomp.ERRNO(errno.EPERM), nr)
+    return skipped
+
+
+def _export(filt) -> bytes:
     fd = os.memfd_create("seccomp-bpf")
     try:
         with os.fdopen(os.dup(fd), "wb") as f:
@@ -98,7 +119,7 @@ def build_bpf(pyseccomp) -> tuple[bytes, list[str]]:
         os.close(fd)
     if not data or len(data) % 8:
         raise OSError(f"libseccomp exported {len(data)} bytes of BPF (expected a multiple of 8)")
-    return data, skipped
+    return data
 
 
 def _socket_allow_list(pyseccomp, filt) -> None:

@@ -90,13 +90,13 @@ def _load_pyseccomp(path: str | None, libraries: dict):
     return module
 
 
-def _start_init(seccomp) -> int:
+def _start_init(install_seccomp) -> int:
     _isolation.new_pid_namespace_for_children()
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(ready_r)
-        _isolation.run_init(ready_w, _isolation.STAGE + "/proc", seccomp.install)
+        _isolation.run_init(ready_w, _isolation.STAGE + "/proc", install_seccomp)
         os._exit(1)
     os.close(ready_w)
     answer = os.read(ready_r, 600).decode("utf-8", "replace")
@@ -113,25 +113,28 @@ def _strict(server, config: dict, root_user: bool) -> dict:
     pyseccomp = _step(
         "seccomp (pyseccomp and libseccomp)", _load_pyseccomp, config.get("pyseccomp"), config.get("libraries", {})
     )
-    bpf, skipped = _step("seccomp filter", _seccomp.build_bpf, pyseccomp)
+    bpf, skipped = _step("seccomp filter", _seccomp.build_bpf, pyseccomp, _seccomp.ZYGOTE_NEEDS)
+    job_layer = _seccomp.Installer(_step("seccomp filter", _seccomp.build_job_bpf, pyseccomp))
     with open("/proc/self/maps") as f:
         maps = f.read()
     plan = _step("minimal root (planning)", _isolation.plan_root, maps)
     _step("namespaces", _isolation.enter_namespaces, root_user)
     _step("minimal root", _isolation.build_root, plan)
     seccomp = _seccomp.Installer(bpf)
-    server.init_pid = _step("PID namespace", _start_init, seccomp)
+    server.init_pid = _step("PID namespace", _start_init, lambda: (seccomp.install(), job_layer.install()))
     if server.cgroup is not None:  # after init's fork: init stays out of the job cgroup
         _step("cgroup (joining)", server.cgroup.join)
     _step("pivot_root", _isolation.pivot_into_root)
     plan.close()
-    # The zygote keeps what it needs to mount each job's /tmp and enter a fresh IPC namespace per job (no filter;
-    # without root, its capabilities in the user namespace): each child drops its capabilities (as root, the uid
-    # change does) and installs the filter itself, last, before the program runs.
+    # The zygote keeps what it needs to mount each job's /tmp and enter a fresh IPC namespace per job (`mount`,
+    # `umount2` and `unshare` are left out of its filter; without root, it keeps its capabilities in the user
+    # namespace): each child drops its capabilities (as root, the uid change does) and installs the filter's last
+    # layer itself, last, before the program runs.
+    _step("seccomp", seccomp.install)
     ctx = server.ctx
     ctx.uid = _isolation_uid() if root_user else None
     ctx.nproc_extra = 0 if root_user else 2  # without root the zygote and init share the job's uid
-    ctx.confine = ([] if root_user else [_isolation.drop_capabilities]) + [seccomp.install]
+    ctx.confine = ([] if root_user else [_isolation.drop_capabilities]) + [job_layer.install]
     bound = sorted(plan.binds) + plan.devices + plan.masks
     ours = [*bound, "/tmp", "/proc", "/dev"]
     absent = [p for p in (*HOST_PATHS, *config.get("absent", ())) if p != "/" and not any(_under(b, p) for b in ours)]
