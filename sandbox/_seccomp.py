@@ -2,8 +2,8 @@
 
 Built once per zygote with libseccomp (through the `pyseccomp` binding) and exported as raw BPF; each job's child gets
 it in two layers, so that no job pays for libseccomp's compilation nor for the kernel's preparation of the whole
-filter: the zygote installs all of it but `mount`, `umount2` and `unshare` (it mounts a fresh `/tmp` and enters a fresh
-IPC namespace for every job), and each child inherits that and installs a small filter denying those three itself
+filter: the zygote installs all of it but `unshare` (it enters a fresh IPC namespace for every job), and each child
+inherits that and installs a small filter denying `unshare` itself
 (`prctl(PR_SET_SECCOMP)` after `PR_SET_NO_NEW_PRIVS`). Default action: allow. Denied with EPERM: the system calls no
 solution needs and that widen what a process can reach or observe (namespaces, mounts, tracing, kernel keyrings, BPF,
 perf, kernel modules, io_uring, changing its own scheduling class or priority so that it starves for CPU, clock and
@@ -62,7 +62,7 @@ _FUTEX_CMD_AND_PRIVATE = 0x7F | 128
 DENIED_FCNTL = (5, 6, 7, 36, 37, 38, 1024, 1025, 1026)
 SOCKET_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6: every other family is refused
 _RWF_NOWAIT = 0x8
-ZYGOTE_NEEDS = ("mount", "umount2", "unshare")  # per job: a fresh /tmp and IPC namespace
+ZYGOTE_NEEDS = ("unshare",)  # per job: a fresh IPC namespace
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2

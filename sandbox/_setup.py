@@ -126,10 +126,9 @@ def _strict(server, config: dict, root_user: bool) -> dict:
         _step("cgroup (joining)", server.cgroup.join)
     _step("pivot_root", _isolation.pivot_into_root)
     plan.close()
-    # The zygote keeps what it needs to mount each job's /tmp and enter a fresh IPC namespace per job (`mount`,
-    # `umount2` and `unshare` are left out of its filter; without root, it keeps its capabilities in the user
-    # namespace): each child drops its capabilities (as root, the uid change does) and installs the filter's last
-    # layer itself, last, before the program runs.
+    # The zygote keeps what it needs to enter a fresh IPC namespace per job (`unshare` is left out of its filter;
+    # without root, it keeps its capabilities in the user namespace): each child drops its capabilities (as root,
+    # the uid change does) and installs the filter's last layer itself, last, before the program runs.
     _step("seccomp", seccomp.install)
     ctx = server.ctx
     ctx.uid = _isolation_uid() if root_user else None

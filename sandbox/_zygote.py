@@ -11,14 +11,14 @@ cannot find an earlier one's: it receives only the job's limits and the names of
 four fds (SCM_RIGHTS): the write ends of stdout, stderr and the value channel, and a memfd holding the job's
 program, which only the forked child reads (`_harness.py`); values and output go from the child straight to the
 parent; returned files are read by a short-lived process forked for that, which sends them to the parent itself.
-Per job, in the strict level, the zygote mounts a fresh tmpfs on `/tmp` (the job's working directory is in it),
-forks the child and watches it: the job's CPU time may not exceed `timeout_s`; the backstop is the main process's
+Per job, the zygote makes the job's working directory (in the strict level, in the private `/tmp`), forks the
+child and watches it: the job's CPU time may not exceed `timeout_s`; the backstop is the main process's
 wall-clock time less the time it waited for a CPU (`/proc/<pid>/schedstat`), at most `wall_factor * timeout_s`, so
 a sleeping or blocked program ends but a busy machine does not turn a verdict into a timeout; a machine so loaded
 that the job got almost no CPU for ten backstops is an infrastructure error, never a verdict. After the main
-process ends, what is left of the job is killed (`kill(-1)` from inside the PID namespace), the job's tmpfs is
-unmounted, its System V IPC objects are removed and the zygote enters a fresh IPC namespace (`_cleanup.py`); then
-the result (exit status, CPU seconds, OOM kills, setup outcome) goes back on the socket.
+process ends, what is left of the job is killed (`kill(-1)` from inside the PID namespace), `/tmp` is emptied
+without recursion, the job's System V IPC objects are removed and the zygote enters a fresh IPC namespace
+(`_cleanup.py`); then the result (exit status, CPU seconds, OOM kills, setup outcome) goes back on the socket.
 
 Job CPU time. As root, from the job cgroup's cpuacct counter read before and after the job, less the zygote's own
 CPU time (`_cgroup.py`): every process of the job counts, also children the kernel reaps itself (SIGCHLD ignored).
@@ -263,8 +263,6 @@ class Server:
         """Run one job (`fds`: stdout, stderr, value channel, the memfd holding the program); the `done` message,
         or None when the parent has gone."""
         workdir = None
-        if self.strict:
-            _cleanup.mount_job_tmp(self.tmp)
         try:
             workdir = tempfile.mkdtemp(prefix="job-", dir=self.tmp)
             if self.ctx.uid is not None:
@@ -290,7 +288,7 @@ class Server:
                 os.close(setup_r)
         finally:
             if self.strict:
-                _cleanup.drop_job_tmp(self.tmp)
+                _cleanup.remove_tree(self.tmp, keep=True)
                 _cleanup.clear_ipc()
             elif workdir is not None:
                 _cleanup.remove_tree(workdir)

@@ -13,26 +13,26 @@ Usage::
 For HumanEval-style tests (a `check(candidate)` function with the expected values inside it) pass the test as
 `script`: `script_ok` then says whether it ran without raising.
 
-Isolation levels (`Limits.isolation`). `strict` (the default) fails closed: if this machine cannot give it,
-`execute` raises `IsolationUnavailable` naming what is missing; nothing falls back silently. As root it runs each
-program as an unprivileged uid unique to its zygote; without root, as uid 0 of a user namespace with no
-capabilities. Either way: its own PID namespace and `/proc`, network and UTS namespaces, a fresh IPC namespace per
-job, a minimal read-only root (the standard library, the interpreter and its shared libraries, `/dev/null`,
-`/dev/zero`, `/dev/random`, `/dev/urandom`, a fresh tmpfs `/tmp` per job holding its working directory: no home
-directory, project checkout, dataset, `/var`, `/srv`, `/mnt`, `/run`, `/dev/shm`, no path-bound socket of the
-host), a seccomp filter (`_seccomp.py`), `no_new_privs`, rlimits, and as root a memory, pids and cpuacct cgroup
-below the caller's own cgroup. `rlimits-only` (asked for by that name only) runs the program as the caller, with
-the caller's view of the file system, bounded by rlimits and the CPU limit. `ExecutionResult.protections` lists
-what a probe verified from inside the zygote's namespaces (`_probe.py`), once per zygote.
+Isolation levels (`Limits.isolation`). `strict` (the default) fails closed: if this machine cannot give it, `execute`
+raises `IsolationUnavailable` naming what is missing; nothing falls back silently. As root it runs each program as an
+unprivileged uid unique to its zygote; without root, as uid 0 of a user namespace with no capabilities. Either way: its
+own PID namespace and `/proc`, network and UTS namespaces, a fresh IPC namespace per job, a minimal read-only root (the
+standard library, the interpreter and its shared libraries, `/dev/null`, `/dev/zero`, `/dev/random`, `/dev/urandom`, a
+private `/tmp` (emptied after every job) holding its working directory: no home directory, project checkout, dataset,
+`/var`, `/srv`, `/mnt`, `/run`, `/dev/shm`, no path-bound socket of the host), a seccomp filter (`_seccomp.py`),
+`no_new_privs`, rlimits, and as root a memory, pids and cpuacct cgroup below the caller's own cgroup. `rlimits-only`
+(asked for by that name only) runs the program as the caller, with the caller's view of the file system, bounded by
+rlimits and the CPU limit. `ExecutionResult.protections` lists what a probe verified from inside the zygote's
+namespaces (`_probe.py`), once per zygote.
 
-Jobs share nothing (strict). No job's program, output, value or returned file ever enters the memory later jobs
-are forked from: the program travels in a memfd that only the job's child reads, output and values go from the
-child straight to this process, returned files come from a reader process forked for the job. Nothing a job made
-outlives it: its processes are killed, its `/tmp` tmpfs is unmounted, its System V IPC objects are removed and
-the next job gets a fresh IPC namespace. Between concurrent jobs, which bind the same read-only files, file locks,
-change notifications, page cache residency queries and futex wakes that are not process-private are refused
-(`_seccomp.py`: `sqlite3` in memory works, a database file in `/tmp` gives `sqlite3.OperationalError`), and socket
-families are an allow-list (`AF_UNIX`, `AF_INET`, `AF_INET6`, in an empty network namespace).
+Jobs share nothing (strict). No job's program, output, value or returned file ever enters the memory later jobs are
+forked from: the program travels in a memfd that only the job's child reads, output and values go from the child
+straight to this process, returned files come from a reader process forked for the job. Nothing a job made outlives it:
+its processes are killed, `/tmp` is emptied (without recursion), its System V IPC objects are removed and the next job
+gets a fresh IPC namespace. Between concurrent jobs, which bind the same read-only files, file locks, change
+notifications, page cache residency queries and futex wakes that are not process-private are refused (`_seccomp.py`:
+`sqlite3` in memory works, a database file in `/tmp` gives `sqlite3.OperationalError`), and socket families are an
+allow-list (`AF_UNIX`, `AF_INET`, `AF_INET6`, in an empty network namespace).
 
 Time. `timeout_s` is CPU time of the whole job, so a verdict does not depend on how busy the machine is. As root
 the kernel counts it (the job cgroup's cpuacct counter, protection `job_cpu_cgroup`): every process of the job,
