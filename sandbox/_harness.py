@@ -1,9 +1,10 @@
 """The in-child harness of `sandbox.executor` (stdlib only): per-job setup of the forked child, the job, the channel.
 
-The child (forked by the zygote in `_zygote.py`, already inside its namespaces, minimal root, seccomp filter and
-job cgroup) starts a new session (own process group), gets stdin `/dev/null`, rlimits, an OOM score
-that makes it the first victim, as root an unprivileged uid unique to its zygote (so RLIMIT_NPROC binds), and a
-scrubbed environment. Then it reports `ok <pid>` on the one-shot setup pipe and closes it, and only then runs the
+The child (forked by the zygote in `_zygote.py`, already inside its namespaces, minimal root and job cgroup)
+starts a new session (own process group), reads its program from the memfd the parent sent (the zygote never
+reads it), gets stdin `/dev/null`, rlimits, an OOM score that makes it the first victim, as root an unprivileged
+uid unique to its zygote (so RLIMIT_NPROC binds), without root an empty capability set, a scrubbed environment and
+the seccomp filter. Then it reports `ok <pid>` on the one-shot setup pipe and closes it, and only then runs the
 job: `code` as the module `__main__`, each call expression, the script. Call values are encoded as tagged JSON
 (plain data only, exact types) and written as length-prefixed frames to fd 3, which only the parent reads (see
 `_channel.py` for what it accepts); stdout is never parsed. Nothing here decides a verdict or ever sees an expected
@@ -210,21 +211,37 @@ def run_job(job: dict) -> int:
 
 
 class JobContext:
-    """What the zygote prepared for every child: the job uid (root only) and the RLIMIT_NPROC to set. The seccomp
-    filter, no_new_privs, the job cgroup and (without root) the empty capability sets are the zygote's own,
-    inherited at fork."""
+    """What the zygote prepared for every child: the job uid (root only), the RLIMIT_NPROC to set, and the last
+    steps of its confinement (`confine`: without root, dropping every capability; the seccomp filter, with
+    no_new_privs). The job cgroup and the namespaces are the zygote's own, inherited at fork."""
 
     def __init__(self) -> None:
         self.uid: int | None = None
         self.nproc_extra: int | None = None  # RLIMIT_NPROC = max_procs + this; None: none (rlimits-only)
+        self.confine: list = []
+
+
+def _read_payload(fd: int) -> dict:
+    """The job's program (code, calls, script), JSON in the memfd `fd`."""
+    size = os.fstat(fd).st_size
+    chunks, got = [], 0
+    while got < size:
+        chunk = os.pread(fd, size - got, got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return json.loads(b"".join(chunks))
 
 
 def _child_setup(job: dict, fds: list[int], workdir: str, ctx: JobContext, report: list[int]) -> None:
     os.setsid()
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in [os.open(os.devnull, os.O_RDONLY), *fds]]
+    payload_fd = high.pop(4)
     for src, dst in zip(high, (0, 1, 2, CHAN_FD, SETUP_FD), strict=True):  # via high numbers: no clobbering
         os.dup2(src, dst)
     report[0] = SETUP_FD
+    job.update(_read_payload(payload_fd))
     os.closerange(SETUP_FD + 1, 1 << 16)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGALRM):  # as a fresh interpreter has them
         signal.signal(sig, signal.SIG_DFL)
@@ -258,14 +275,17 @@ def _child_setup(job: dict, fds: list[int], workdir: str, ctx: JobContext, repor
     sys.stdout = open(1, "w", closefd=False)
     sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")
     sys.argv = ["-c"]
+    for step in ctx.confine:
+        step()
 
 
 def child_main(job: dict, fds: list[int], workdir: str, ctx: JobContext, _exit=os._exit) -> None:
     """Never returns: the forked child ends with os._exit (bound at import, so patching `os._exit` is moot).
 
-    `fds` are the write ends of stdout, stderr, the value channel and the setup pipe. Setup success is the line
+    `fds` are the write ends of stdout, stderr, the value channel, the memfd holding the program and the setup
+    pipe. Setup success is the line
     `ok <pid>` on the setup pipe, which is closed before the program's code runs: the program cannot write to it."""
-    report = [fds[3]]  # where a setup failure is written: the setup pipe, at SETUP_FD once it has been moved there
+    report = [fds[4]]  # where a setup failure is written: the setup pipe, at SETUP_FD once it has been moved there
     try:
         _child_setup(job, fds, workdir, ctx, report)
         os.write(SETUP_FD, f"ok {os.getpid()}\n".encode())

@@ -3,7 +3,8 @@
 `probe(expect)` returns {protection name: True, or a string saying why not}. The zygote lists as protections only
 the names that came back True; `sandbox.executor` refuses a level whose required names are not all there. Each
 check looks from inside, as a program would: the identity and capabilities in `/proc/self/status`, the seccomp
-filter (`unshare` and `mount` must fail with EPERM), the PID namespace (only init and this process in `/proc`),
+filter (`unshare`, `setpriority` and `flock` must fail with EPERM, a netlink socket with
+EAFNOSUPPORT), the PID namespace (only init and this process in `/proc`),
 the mount table (every mount is one the zygote made, read-only except `/proc`, `/tmp` and the device nodes), the
 top of the root, host paths that must be absent, the network (no interface but a loopback that is down), the
 cgroups of this process, the rlimits, the environment and the working directory.
@@ -76,9 +77,34 @@ def _check_identity(expect: dict) -> dict:
         nice = "setpriority allowed"
     except PermissionError:
         nice = True
-    ok = seccomp and userns is False and nice is True
-    got["seccomp"] = True if ok else f"Seccomp {st.get('Seccomp')}, unshare allowed: {userns}, {nice}"
+    refused = _refused_by_filter()
+    ok = seccomp and userns is False and nice is True and not refused
+    got["seccomp"] = True if ok else f"Seccomp {st.get('Seccomp')}, unshare allowed: {userns}, {nice}, {refused}"
     return got
+
+
+def _refused_by_filter() -> str:
+    """'' when a netlink socket and a file lock are refused as the filter says, else what is not."""
+    import errno
+    import fcntl
+
+    bad = []
+    try:
+        socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close()
+        bad.append("netlink socket allowed")
+    except OSError as e:
+        if e.errno != errno.EAFNOSUPPORT:
+            bad.append(f"netlink socket: {e}")
+    fd = os.open("/dev/null", os.O_RDONLY)  # the filter refuses flock before the file matters
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        bad.append("flock allowed")
+    except OSError as e:
+        if e.errno != errno.EPERM:
+            bad.append(f"flock: {e}")
+    finally:
+        os.close(fd)
+    return ", ".join(bad)
 
 
 def _check_pid_namespace() -> object:
@@ -92,7 +118,8 @@ def _check_pid_namespace() -> object:
 
 
 def _check_network() -> object:
-    names = [n for _, n in socket.if_nameindex()]
+    with open("/proc/net/dev") as f:  # not socket.if_nameindex(): it needs a netlink socket, which is refused
+        names = [line.split(":", 1)[0].strip() for line in f.read().splitlines()[2:] if ":" in line]
     s = socket.socket()
     s.settimeout(0.2)
     try:

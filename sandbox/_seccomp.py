@@ -1,16 +1,33 @@
 """The seccomp filter of a sandboxed job (stdlib plus `pyseccomp`, loaded by the zygote from a file path).
 
-Built once per zygote with libseccomp (through the `pyseccomp` binding) and exported as raw BPF; each job's child
-installs those bytes itself with `prctl(PR_SET_SECCOMP)` after `PR_SET_NO_NEW_PRIVS`, so no job pays for
-libseccomp's compilation. Default action: allow. Denied with EPERM: the system calls no solution needs and that
-widen what a process can reach or observe (namespaces, mounts, tracing, kernel keyrings, BPF, perf, kernel
-modules, io_uring, changing its own scheduling class or priority so that it starves for CPU, clock and host
-settings); `clone` with any namespace flag; `clone3` answers ENOSYS, so that libc falls back to `clone`, whose
-flags the filter can see. A syscall from another ABI (for example i386 on x86_64) kills the process
-(libseccomp's default for a foreign architecture).
+Built once per zygote with libseccomp (through the `pyseccomp` binding) and exported as raw BPF; each job's child gets
+it in two layers, so that no job pays for libseccomp's compilation nor for the kernel's preparation of the whole
+filter: the zygote installs all of it but `unshare` (it enters a fresh IPC namespace for every job), and each child
+inherits that and installs a small filter denying `unshare` itself
+(`prctl(PR_SET_SECCOMP)` after `PR_SET_NO_NEW_PRIVS`). Default action: allow. Denied with EPERM: the system calls no
+solution needs and that widen what a process can reach or observe (namespaces, mounts, tracing, kernel keyrings, BPF,
+perf, kernel modules, io_uring, changing its own scheduling class or priority so that it starves for CPU, clock and
+host settings); `clone` with any namespace flag; `clone3` answers ENOSYS, so that libc falls back to `clone`, whose
+flags the filter can see. A syscall from another ABI (for example i386 on x86_64) kills the process (libseccomp's
+default for a foreign architecture).
 
-Not covered: names that the installed libseccomp does not know are skipped (`skipped` lists them); the filter is
-a deny list, not an allow list, so a system call added to the kernel later is allowed.
+Shared kernel objects that could carry data between concurrent jobs (every job binds the same read-only inodes of
+the standard library): file locks are denied (`flock`, and `fcntl` record, open-file-description and lease
+commands: EPERM), as are file-change notifications (`inotify_*`, `fcntl(F_NOTIFY)`, `fanotify_init`), page
+cache residency queries (`mincore`, `cachestat`, `preadv2`/`pwritev2` with `RWF_NOWAIT`) and futex wakes that are
+not process-private (`futex` wake and requeue commands without `FUTEX_PRIVATE_FLAG`, `futex_wake`,
+`futex_requeue`): a shared futex on a page of a shared file is keyed by its inode, so it would reach other jobs.
+`sqlite3` in memory needs no lock and works; a database file in the job's `/tmp` cannot be locked, so sqlite
+reports an error on it (the `unix-none` VFS, `sqlite3.connect("file:x.db?vfs=unix-none", uri=True)`, works).
+
+Socket families are an allow-list: `socket` and `socketpair` succeed for `AF_UNIX`, `AF_INET` and `AF_INET6` only
+(what the empty network namespace has), any other family answers EAFNOSUPPORT (so netlink, packet and vsock
+sockets are refused).
+
+Not covered: names that the installed libseccomp does not know are skipped (`skipped` lists them); apart from the
+socket families the filter is a deny list, not an allow list, so a system call added to the kernel later is
+allowed; channels through shared resources and global counters are not closed (CPU contention, page cache timing,
+free memory, the load average, inode numbers of pipes and sockets, which the kernel numbers machine-wide).
 """
 
 from __future__ import annotations
@@ -33,27 +50,65 @@ DENIED = (
     " kexec_load kexec_file_load init_module finit_module delete_module reboot swapon swapoff acct quotactl"
     " syslog settimeofday clock_settime clock_adjtime adjtimex sethostname setdomainname iopl ioperm vhangup"
     " nfsservctl uselib"
+    # shared kernel objects that could carry data between jobs: locks, change notifications, page cache residency
+    " flock inotify_init inotify_init1 inotify_add_watch mincore cachestat futex_wake futex_requeue"
 ).split()
+# futex commands that wake or requeue waiters: refused unless FUTEX_PRIVATE_FLAG (128) is set, so that no job wakes a
+# waiter of another job on a page of a shared file (a shared futex key is the file's inode and offset). Shared
+# waits stay allowed (glibc's pthread_join waits on a shared futex that the kernel wakes).
+SHARED_FUTEX_WAKERS = (1, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13)
+_FUTEX_CMD_AND_PRIVATE = 0x7F | 128
+# fcntl commands: F_GETLK F_SETLK F_SETLKW, F_OFD_GETLK F_OFD_SETLK F_OFD_SETLKW, F_SETLEASE F_GETLEASE F_NOTIFY
+DENIED_FCNTL = (5, 6, 7, 36, 37, 38, 1024, 1025, 1026)
+SOCKET_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6: every other family is refused
+_RWF_NOWAIT = 0x8
+ZYGOTE_NEEDS = ("unshare",)  # per job: a fresh IPC namespace
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 
 
-def build_bpf(pyseccomp) -> tuple[bytes, list[str]]:
-    """The filter as raw BPF bytes (struct sock_filter[]), and the denied names this libseccomp did not know."""
+def build_bpf(pyseccomp, leave: tuple[str, ...] = ()) -> tuple[bytes, list[str]]:
+    """The filter as raw BPF bytes (struct sock_filter[]), and the denied names this libseccomp did not know.
+    `leave`: denied names left out (the zygote's layer: see `build_job_bpf`)."""
     filt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     eperm = pyseccomp.ERRNO(errno.EPERM)
+    skipped = _deny(pyseccomp, filt, [name for name in DENIED if name not in leave])
+    for flag in NAMESPACE_FLAGS:
+        filt.add_rule(eperm, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
+    for cmd in SHARED_FUTEX_WAKERS:
+        filt.add_rule(eperm, "futex", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _FUTEX_CMD_AND_PRIVATE, cmd))
+    for cmd in DENIED_FCNTL:
+        filt.add_rule(eperm, "fcntl", pyseccomp.Arg(1, pyseccomp.EQ, cmd))
+    for call in ("preadv2", "pwritev2"):
+        filt.add_rule(eperm, call, pyseccomp.Arg(5, pyseccomp.MASKED_EQ, _RWF_NOWAIT, _RWF_NOWAIT))
+    _socket_allow_list(pyseccomp, filt)
+    if pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, "clone3") >= 0:
+        filt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+    return _export(filt), skipped
+
+
+def build_job_bpf(pyseccomp, names: tuple[str, ...] = ZYGOTE_NEEDS) -> bytes:
+    """A small filter denying only `names`: installed by each job's child on top of the zygote's filter (which
+    leaves them out), so a job gets the whole filter while no job pays for installing all of it (the kernel
+    prepares every filter it installs, in proportion to its size)."""
+    filt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    _deny(pyseccomp, filt, list(names))
+    return _export(filt)
+
+
+def _deny(pyseccomp, filt, names: list[str]) -> list[str]:
     skipped = []
-    for name in DENIED:
+    for name in names:
         nr = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
         if nr < 0:
             skipped.append(name)
             continue
-        filt.add_rule(eperm, nr)
-    for flag in NAMESPACE_FLAGS:
-        filt.add_rule(eperm, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
-    if pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, "clone3") >= 0:
-        filt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+        filt.add_rule(pyseccomp.ERRNO(errno.EPERM), nr)
+    return skipped
+
+
+def _export(filt) -> bytes:
     fd = os.memfd_create("seccomp-bpf")
     try:
         with os.fdopen(os.dup(fd), "wb") as f:
@@ -64,7 +119,19 @@ def build_bpf(pyseccomp) -> tuple[bytes, list[str]]:
         os.close(fd)
     if not data or len(data) % 8:
         raise OSError(f"libseccomp exported {len(data)} bytes of BPF (expected a multiple of 8)")
-    return data, skipped
+    return data
+
+
+def _socket_allow_list(pyseccomp, filt) -> None:
+    """`socket` and `socketpair` answer EAFNOSUPPORT for every family but SOCKET_FAMILIES (compared as 64-bit
+    values: a family with any high bit set is refused too)."""
+    refuse = pyseccomp.ERRNO(errno.EAFNOSUPPORT)
+    top = max(SOCKET_FAMILIES)
+    for call in ("socket", "socketpair"):
+        filt.add_rule(refuse, call, pyseccomp.Arg(0, pyseccomp.GT, top))
+        for family in range(top):
+            if family not in SOCKET_FAMILIES:
+                filt.add_rule(refuse, call, pyseccomp.Arg(0, pyseccomp.EQ, family))
 
 
 class _SockFprog(ctypes.Structure):

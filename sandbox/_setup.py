@@ -90,13 +90,13 @@ def _load_pyseccomp(path: str | None, libraries: dict):
     return module
 
 
-def _start_init(seccomp) -> int:
+def _start_init(install_seccomp) -> int:
     _isolation.new_pid_namespace_for_children()
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(ready_r)
-        _isolation.run_init(ready_w, _isolation.STAGE + "/proc", seccomp.install)
+        _isolation.run_init(ready_w, _isolation.STAGE + "/proc", install_seccomp)
         os._exit(1)
     os.close(ready_w)
     answer = os.read(ready_r, 600).decode("utf-8", "replace")
@@ -113,33 +113,32 @@ def _strict(server, config: dict, root_user: bool) -> dict:
     pyseccomp = _step(
         "seccomp (pyseccomp and libseccomp)", _load_pyseccomp, config.get("pyseccomp"), config.get("libraries", {})
     )
-    bpf, skipped = _step("seccomp filter", _seccomp.build_bpf, pyseccomp)
+    bpf, skipped = _step("seccomp filter", _seccomp.build_bpf, pyseccomp, _seccomp.ZYGOTE_NEEDS)
+    job_layer = _seccomp.Installer(_step("seccomp filter", _seccomp.build_job_bpf, pyseccomp))
     with open("/proc/self/maps") as f:
         maps = f.read()
     plan = _step("minimal root (planning)", _isolation.plan_root, maps)
     _step("namespaces", _isolation.enter_namespaces, root_user)
     _step("minimal root", _isolation.build_root, plan)
     seccomp = _seccomp.Installer(bpf)
-    server.init_pid = _step("PID namespace", _start_init, seccomp)
+    server.init_pid = _step("PID namespace", _start_init, lambda: (seccomp.install(), job_layer.install()))
     if server.cgroup is not None:  # after init's fork: init stays out of the job cgroup
         _step("cgroup (joining)", server.cgroup.join)
     _step("pivot_root", _isolation.pivot_into_root)
     plan.close()
-    # The zygote needs none of the denied calls from here on: its filter is inherited by every child at no cost.
+    # The zygote keeps what it needs to enter a fresh IPC namespace per job (`unshare` is left out of its filter;
+    # without root, it keeps its capabilities in the user namespace): each child drops its capabilities (as root,
+    # the uid change does) and installs the filter's last layer itself, last, before the program runs.
     _step("seccomp", seccomp.install)
-    if not root_user:  # in the user namespace the zygote needs no capability any more; children inherit none
-        _step("dropping capabilities", _isolation.drop_capabilities)
     ctx = server.ctx
     ctx.uid = _isolation_uid() if root_user else None
     ctx.nproc_extra = 0 if root_user else 2  # without root the zygote and init share the job's uid
+    ctx.confine = ([] if root_user else [_isolation.drop_capabilities]) + [job_layer.install]
     bound = sorted(plan.binds) + plan.devices + plan.masks
     ours = [*bound, "/tmp", "/proc", "/dev"]
     absent = [p for p in (*HOST_PATHS, *config.get("absent", ())) if p != "/" and not any(_under(b, p) for b in ours)]
     tops = {p.split("/")[1] for p in (*plan.binds, *plan.devices, *plan.symlinks)} | {"dev", "proc", "tmp"}
-    cgroups = []
-    if server.cgroup is not None:
-        rel = f"/{_cgroup.CGROUP_NAME}/z{os.getpid()}"
-        cgroups = [["", rel]] if server.cgroup.v2 else [["memory", rel], ["pids", rel]]
+    cgroups = [[ctl, rel] for ctl, rel in server.cgroup.rel.items()] if server.cgroup is not None else []
     return {
         "strict": True,
         "uid": ctx.uid,
@@ -179,8 +178,10 @@ def setup(server, config: dict) -> dict:
         return {"k": "hello", "protections": [], "missing": [e.step], "reason": str(e)}
     verified = run_probe(server, expect, config)
     prot = [name for name, ok in verified.items() if ok is True] + list(BY_CONSTRUCTION)
+    if server.counts_cpu:  # the kernel counts every process of the job, also those it reaps itself
+        prot.append("job_cpu_cgroup")
     missing = [name for name in need if verified.get(name) is not True]
-    reason = "; ".join(f"{name}: {verified.get(name, 'not checked')}" for name in missing)
+    reason = verified.get("probe") or "; ".join(f"{name}: {verified.get(name, 'not checked')}" for name in missing)
     return {
         "k": "hello",
         "protections": prot,
@@ -196,15 +197,12 @@ def run_probe(server, expect: dict, config: dict) -> dict:
 
     expect = dict(expect, limits=config["probe_limits"])
     call = f"__import__('json').dumps(probe(__import__('json').loads({json.dumps(expect)!r})))"
-    job = {
-        "code": config["probe_source"],
-        "calls": [call],
-        "script": None,
-        "files": [],
-        "limits": config["probe_limits"],
-    }
+    program = json.dumps({"code": config["probe_source"], "calls": [call], "script": None}).encode()
+    payload = os.memfd_create("job", os.MFD_CLOEXEC)
+    os.write(payload, program)
     pipes = [os.pipe() for _ in range(3)]
-    done = server.handle(job, [w for _, w in pipes], _harness.child_main)
+    job = {"files": [], "limits": config["probe_limits"]}
+    done = server.handle(job, [w for _, w in pipes] + [payload], _harness.child_main)
     outputs = []
     for r, _ in pipes:
         chunks = []

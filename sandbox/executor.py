@@ -13,56 +13,68 @@ Usage::
 For HumanEval-style tests (a `check(candidate)` function with the expected values inside it) pass the test as
 `script`: `script_ok` then says whether it ran without raising.
 
-Isolation levels (`Limits.isolation`). `strict` (the default) fails closed: if this machine cannot give it,
-`execute` raises `IsolationUnavailable` naming what is missing; nothing falls back silently. As root it runs each
-program as an unprivileged uid unique to its zygote; without root, as uid 0 of a user namespace with no
-capabilities. Either way: its own PID namespace and `/proc` (it sees its own processes and an init), network, IPC and
-UTS namespaces, a minimal read-only root (the standard library, the interpreter and its shared libraries,
-`/dev/null`, `/dev/zero`, `/dev/random`, `/dev/urandom`, a private `/tmp` and its working directory: no home
-directory, project checkout, dataset, `/var`, `/srv`, `/mnt`, `/run`, `/dev/shm`, no path-bound socket of the
-host), a seccomp filter (`_seccomp.py`), `no_new_privs`, rlimits, and as root a memory and pids cgroup bounding all
-of the job's processes together. `rlimits-only` (asked for by that name only) runs the program as the caller,
-with the caller's view of the file system, bounded by rlimits and the CPU limit. `ExecutionResult.protections`
-lists what a probe verified from inside the zygote's namespaces (`_probe.py`), once per zygote.
+Isolation levels (`Limits.isolation`). `strict` (the default) fails closed: if this machine cannot give it, `execute`
+raises `IsolationUnavailable` naming what is missing; nothing falls back silently. As root it runs each program as an
+unprivileged uid unique to its zygote; without root, as uid 0 of a user namespace with no capabilities. Either way: its
+own PID namespace and `/proc`, network and UTS namespaces, a fresh IPC namespace per job, a minimal read-only root (the
+standard library, the interpreter and its shared libraries, `/dev/null`, `/dev/zero`, `/dev/random`, `/dev/urandom`, a
+private `/tmp` (emptied after every job) holding its working directory: no home directory, project checkout, dataset,
+`/var`, `/srv`, `/mnt`, `/run`, `/dev/shm`, no path-bound socket of the host), a seccomp filter (`_seccomp.py`),
+`no_new_privs`, rlimits, and as root a memory, pids and cpuacct cgroup below the caller's own cgroup. `rlimits-only`
+(asked for by that name only) runs the program as the caller, with the caller's view of the file system, bounded by
+rlimits and the CPU limit. `ExecutionResult.protections` lists what a probe verified from inside the zygote's
+namespaces (`_probe.py`), once per zygote.
 
-Time. `timeout_s` is CPU time of the whole job (all its processes), so a verdict does not depend on how busy the
-machine is. The wall-clock backstop ends programs that sleep or block: the job's main process may spend at most
-`wall_factor * timeout_s` seconds awake or blocked, not counting time it waited for a CPU. A `timeout` means one
-of those two; `cpu_seconds` says how much CPU the job used. A machine so loaded that a job got almost no CPU for
-ten backstops gives `infra_error`, not a verdict.
+Jobs share nothing (strict). No job's program, output, value or returned file ever enters the memory later jobs are
+forked from: the program travels in a memfd that only the job's child reads, output and values go from the child
+straight to this process, returned files come from a reader process forked for the job. Nothing a job made outlives it:
+its processes are killed, `/tmp` is emptied (without recursion), its System V IPC objects are removed and the next job
+gets a fresh IPC namespace. Between concurrent jobs, which bind the same read-only files, file locks, change
+notifications, page cache residency queries and futex wakes that are not process-private are refused (`_seccomp.py`:
+`sqlite3` in memory works, a database file in `/tmp` gives `sqlite3.OperationalError`), and socket families are an
+allow-list (`AF_UNIX`, `AF_INET`, `AF_INET6`, in an empty network namespace).
+
+Time. `timeout_s` is CPU time of the whole job, so a verdict does not depend on how busy the machine is. As root
+the kernel counts it (the job cgroup's cpuacct counter, protection `job_cpu_cgroup`): every process of the job,
+also children it lets the kernel reap (SIGCHLD ignored). Without it, CPU that such children spend between the
+zygote's samples (every 50 ms while the job has more than one process) is not counted. The wall-clock backstop
+ends programs that sleep or block: the job's main process may spend at most `wall_factor * timeout_s` seconds
+awake or blocked, not counting time it waited for a CPU. A `timeout` means one of those two; `cpu_seconds` says
+how much CPU the job used. A machine so loaded that a job got almost no CPU for ten backstops gives `infra_error`.
+
+Memory. As root the job cgroup's limit is `memory_mb` plus a fixed allowance for the zygote, set once (not what
+is in use plus an allowance), and it sits below the caller's cgroup, so the caller's limits hold too.
 
 Verdict channel (`_channel.py`): values, errors and the end marker travel as length-prefixed JSON frames on fd 3,
 a pipe whose read end only the parent holds; stdout is never parsed. Only plain data crosses (None, bool, int,
 float, str, bytes, complex, list, tuple, dict, set, frozenset, and ListNode/TreeNode as value lists; exact types
 only, so an `int` subclass with a rigged `__eq__` is refused), decoded with `json`, never unpickled. Whatever a
 program writes on fd 3 or elsewhere, its status is ok, crash, timeout or memory: setup success travels on a pipe
-closed before the program starts, and `infra_error` is left to failures of the executor itself. Not forge-proof:
-a program that writes well-formed frames in order can claim values and `reached_end`, but correctness compares
-them with expected values that never enter the child. For a `script` (HumanEval `check`) the expected values do
-run in the child, so code that patches what `check` uses (builtins, `AssertionError`) can fake `script_ok`.
+closed before the program starts, and `infra_error` is left to failures of the executor itself (nothing in the
+job's `/tmp`, however deep, is walked by Python code). Not forge-proof: a program that writes well-formed frames in
+order can claim values and `reached_end`, but correctness compares them with expected values that never enter the
+child. For a `script` (HumanEval `check`) the expected values do run in the child, so code that patches what
+`check` uses (builtins, `AssertionError`) can fake `script_ok`.
 
 How it runs: a pre-warmed fork server ("zygote", `_zygote.py`, one per worker thread) sets up its isolation once
 (`_setup.py`, `_isolation.py`, `_cgroup.py`, `_seccomp.py`) and checks it (`_probe.py`), then forks one child per
-program (`_harness.py`); stdout/stderr are captured and capped at `max_output_bytes`.
+program (`_harness.py`) and cleans up after it (`_cleanup.py`); stdout/stderr are captured and capped at
+`max_output_bytes`.
 
-Not covered: programs cannot import site-packages; the seccomp filter is a deny list; without root there is no
-cgroup (memory is bounded per process by RLIMIT_AS, processes by RLIMIT_NPROC in the user namespace, and the
-private /tmp by its 2 GiB size); the system library directories are bound whole; for `script` jobs see above.
+Not covered: programs cannot import site-packages; apart from socket families the seccomp filter is a deny list;
+channels between concurrent jobs through shared resources and global counters are not closed (CPU contention,
+page cache timing, free memory, machine-wide inode numbers of pipes and sockets); without root
+there is no cgroup (memory is bounded per process by RLIMIT_AS, processes by RLIMIT_NPROC in the user namespace,
+the private /tmp by its 2 GiB size, and CPU as said above); under cgroup v2 the caller's cgroup must be able to
+enable the memory and pids controllers for its children, else `strict` is refused; the system library directories
+are bound whole; for `script` jobs see above.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes.util
-import functools
-import importlib.util
 import json
 import os
-import selectors
-import socket
-import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -71,6 +83,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from sandbox._channel import CallOutcome, ChannelError, NodeList, decode_value, read_channel
+from sandbox._client import Zygote
 
 __all__ = [
     "CallOutcome",
@@ -87,7 +100,6 @@ __all__ = [
 ]
 Status = Literal["ok", "timeout", "memory", "crash", "infra_error"]
 ISOLATION_LEVELS = ("strict", "rlimits-only")
-_DIR = os.path.dirname(os.path.abspath(__file__))
 _MAX_CHANNEL_BYTES = 32 << 20
 _BACKSTOP_S = 30.0  # extra seconds the parent waits past the zygote's own hard cap before declaring it hung
 _SIGXCPU_EXIT = -24
@@ -181,171 +193,38 @@ def _assemble(
 
 
 # -------------------------------------------------------------------------------------------- zygote
-@functools.lru_cache(maxsize=1)
-def _libraries() -> dict[str, str]:
-    """libc and libseccomp as `ctypes.util.find_library` names them (it runs `ldconfig -p`: once per process)."""
-    return {name: path for name in ("c", "seccomp") if (path := ctypes.util.find_library(name))}
-
-
-def _bootstrap(level: str, sock_fd: int) -> bytes:
-    spec = importlib.util.find_spec("pyseccomp")
-    config = {
-        "level": level,
-        "sock_fd": sock_fd,
-        "dir": _DIR,
-        "pyseccomp": spec.origin if spec else None,
-        "libraries": _libraries(),
-        "probe_limits": asdict(Limits()),
-        "absent": sorted({os.getcwd(), sys.prefix, os.path.dirname(_DIR), os.path.expanduser("~")}),
-    }
-    return (
-        f"import json, sys\nsys.path.insert(0, {_DIR!r})\nimport _zygote\nsys.path.pop(0)\n"
-        f"_zygote.CONFIG.update(json.loads({json.dumps(config)!r}))\n_zygote.main()\n"
-    ).encode()
-
-
-class _Zygote:
-    """A warm fork server (see `_zygote.py`); serves one job at a time."""
-
-    def __init__(self, level: str) -> None:
-        ours, theirs = socket.socketpair()
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-        python = getattr(sys, "_base_executable", None) or sys.executable
-        self.level = level
-        self.proc = subprocess.Popen(  # the program text comes on stdin: the command line shows no path of ours
-            [python, "-I", "-S", "-"],
-            stdin=subprocess.PIPE,
-            stdout=theirs.fileno(),
-            env=env,
-            start_new_session=True,
-            cwd="/",
+def _start_zygote(level: str) -> Zygote:
+    """A started zygote at `level`; IsolationUnavailable when the level's protections are not all in force."""
+    z = Zygote(level, asdict(Limits()))
+    hello = z.hello
+    if hello.get("missing"):
+        raise IsolationUnavailable(
+            f"the sandbox cannot reach isolation level {level!r} on this machine: missing "
+            f"{', '.join(hello['missing'])} ({hello.get('reason')}). Nothing was run. To run programs without it "
+            "(as your uid, seeing your files), ask for it by name: Limits(isolation='rlimits-only'), or "
+            "`--isolation rlimits-only` on the command line."
         )
-        theirs.close()
-        self.sock = ours
-        try:
-            self.proc.stdin.write(_bootstrap(level, 1))
-            self.proc.stdin.close()
-            self.sock.settimeout(120)
-            hello = self._recv()
-        except (OSError, EOFError, ValueError) as e:
-            self.close()
-            raise RuntimeError(f"sandbox zygote failed to start: {e!r}") from None
-        self.sock.settimeout(None)
-        if "error" in hello:
-            self.close()
-            raise RuntimeError(f"sandbox zygote failed to start: {hello['error']}")
-        self.protections = tuple(hello["protections"])
-        if hello.get("missing"):
-            self.close()
-            raise IsolationUnavailable(
-                f"the sandbox cannot reach isolation level {level!r} on this machine: missing "
-                f"{', '.join(hello['missing'])} ({hello.get('reason')}). Nothing was run. To run programs without it "
-                "(as your uid, seeing your files), ask for it by name: Limits(isolation='rlimits-only'), or "
-                "`--isolation rlimits-only` on the command line."
-            )
+    return z
 
-    def _recv(self) -> dict:
-        hdr = self._recv_exact(4)
-        return json.loads(self._recv_exact(struct.unpack("!I", hdr)[0]))
 
-    def _recv_exact(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise EOFError("sandbox zygote closed its socket")
-            buf += chunk
-        return buf
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def close(self) -> None:
-        try:
-            self.sock.close()  # the zygote sees EOF, kills what is left of a job and exits; its init dies with it
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def run(self, job: CheckJob, limits: Limits) -> ExecutionResult:
-        payload = json.dumps(
-            {
-                "code": job.code,
-                "calls": list(job.calls),
-                "script": job.script,
-                "files": list(job.files_to_return),
-                "limits": asdict(limits),
-            }
-        ).encode()
-        pipes = [os.pipe() for _ in range(3)]
-        try:
-            socket.send_fds(self.sock, [struct.pack("!I", len(payload))], [w for _, w in pipes])
-        finally:
-            for _, w in pipes:
-                os.close(w)
-        self.sock.sendall(payload)
-        caps = (limits.max_output_bytes, limits.max_output_bytes, _MAX_CHANNEL_BYTES)
-        hard_cap = 10 * limits.wall_factor * limits.timeout_s
-        bufs, done = self._collect([r for r, _ in pipes], caps, time.monotonic() + hard_cap + _BACKSTOP_S)
-        if done.get("zygote_failed"):
-            return ExecutionResult(status="infra_error", protections=self.protections, error=done["error"])
-        return _assemble(job, bufs[2], done, bufs[0], bufs[1], self.protections)
-
-    def _collect(self, fds: list[int], caps: tuple[int, ...], deadline: float) -> tuple[list[bytes], dict]:
-        """Read the three pipes (capped) until the zygote reports the job done; then drain what is left."""
-        bufs = [bytearray() for _ in fds]
-        sel = selectors.DefaultSelector()
-        for i, fd in enumerate(fds):
-            os.set_blocking(fd, False)
-            sel.register(fd, selectors.EVENT_READ, i)
-        sel.register(self.sock, selectors.EVENT_READ, -1)
-        done: dict | None = None
-        try:
-            while done is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.close()
-                    return [bytes(b) for b in bufs], {"zygote_failed": True, "error": "sandbox zygote did not answer"}
-                for key, _ in sel.select(left):
-                    if key.data == -1:
-                        done = self._recv()
-                    elif not self._read_into(key.fd, bufs[key.data], caps[key.data]):
-                        sel.unregister(key.fd)
-            for i, fd in enumerate(fds):  # everything of the job is dead now: drain without blocking
-                while self._read_into(fd, bufs[i], caps[i]):
-                    pass
-        except (EOFError, OSError, ValueError) as e:
-            self.close()
-            return [bytes(b) for b in bufs], {"zygote_failed": True, "error": f"sandbox zygote failed: {e!r}"}
-        finally:
-            sel.close()
-            for fd in fds:
-                os.close(fd)
-        return [bytes(b) for b in bufs], done
-
-    @staticmethod
-    def _read_into(fd: int, buf: bytearray, cap: int) -> bool:
-        """One read; keeps at most `cap` bytes. False at EOF or when nothing is available."""
-        try:
-            chunk = os.read(fd, 1 << 16)
-        except BlockingIOError:
-            return False
-        if not chunk:
-            return False
-        if len(buf) < cap:
-            buf += chunk[: cap - len(buf)]
-        return True
+def _run(z: Zygote, job: CheckJob, limits: Limits) -> ExecutionResult:
+    program = json.dumps({"code": job.code, "calls": list(job.calls), "script": job.script}).encode()
+    caps = (limits.max_output_bytes, limits.max_output_bytes, _MAX_CHANNEL_BYTES)
+    deadline = time.monotonic() + 10 * limits.wall_factor * limits.timeout_s + _BACKSTOP_S
+    bufs, done = z.run(program, list(job.files_to_return), asdict(limits), caps, deadline)
+    if done.get("zygote_failed"):
+        return ExecutionResult(status="infra_error", protections=z.protections, error=done["error"])
+    return _assemble(job, bufs[2], done, bufs[0], bufs[1], z.protections)
 
 
 # ---------------------------------------------------------------------------------------------- pool
 _POOL_LOCK = threading.Lock()
-_IDLE: dict[str, list[_Zygote]] = {}
+_IDLE: dict[str, list[Zygote]] = {}
 _POOL_PID = os.getpid()
 _MAX_IDLE = 8
 
 
-def _acquire(level: str) -> _Zygote:
+def _acquire(level: str) -> Zygote:
     global _POOL_PID
     with _POOL_LOCK:
         if _POOL_PID != os.getpid():  # forked grading process: the inherited zygotes belong to the parent
@@ -357,10 +236,10 @@ def _acquire(level: str) -> _Zygote:
             if z.alive():
                 return z
             z.close()
-    return _Zygote(level)
+    return _start_zygote(level)
 
 
-def _release(z: _Zygote) -> None:
+def _release(z: Zygote) -> None:
     with _POOL_LOCK:
         idle = _IDLE.setdefault(z.level, [])
         if z.alive() and len(idle) < _MAX_IDLE and _POOL_PID == os.getpid():
@@ -369,7 +248,7 @@ def _release(z: _Zygote) -> None:
     z.close()
 
 
-def job_uid(z: _Zygote) -> int | None:
+def job_uid(z: Zygote) -> int | None:
     """The uid the zygote's children run as (None without uid drop); see `_zygote.UID_BASE`."""
     return 1_000_000 + z.proc.pid if "uid_drop" in z.protections else None
 
@@ -395,7 +274,7 @@ def execute(job: CheckJob, limits: Limits = Limits()) -> ExecutionResult:
             raise
         return ExecutionResult(status="infra_error", error=f"cannot start sandbox: {e!r}", seconds=0.0)
     try:
-        res = z.run(job, limits)
+        res = _run(z, job, limits)
     except (OSError, EOFError, ValueError) as e:
         z.close()
         return ExecutionResult(
