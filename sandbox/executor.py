@@ -48,10 +48,13 @@ is in use plus an allowance), and it sits below the caller's cgroup, so the call
 Verdict channel (`_channel.py`): values, errors and the end marker travel as length-prefixed JSON frames on fd 3,
 a pipe whose read end only the parent holds; stdout is never parsed. Only plain data crosses (None, bool, int,
 float, str, bytes, complex, list, tuple, dict, set, frozenset, and ListNode/TreeNode as value lists; exact types
-only, so an `int` subclass with a rigged `__eq__` is refused), decoded with `json`, never unpickled. Whatever a
+only, so an `int` subclass with a rigged `__eq__` is refused), read in the parent by a bounded tokenizer
+(`_value.py`: no `json.loads`, no recursion, never unpickled): a value nested more than 256 deep is a `crash`, more
+than 2 MiB of encoded values or 262,144 items per job is `memory`, and a result keeps each value as its encoded text
+(`CallOutcome.value` decodes it on access), so grading never raises, stalls or holds more than that. Whatever a
 program writes on fd 3 or elsewhere, its status is ok, crash, timeout or memory: setup success travels on a pipe
-closed before the program starts, and `infra_error` is left to failures of the executor itself (nothing in the
-job's `/tmp`, however deep, is walked by Python code). Not forge-proof: a program that writes well-formed frames in
+closed before the program starts, and `infra_error` is left to failures of the executor itself (the job's `/tmp`
+is emptied without recursion, `_cleanup.py`, so no tree however deep makes one). Not forge-proof: a program that writes well-formed frames in
 order can claim values and `reached_end`, but correctness compares them with expected values that never enter the
 child. For a `script` (HumanEval `check`) the expected values do run in the child, so code that patches what
 `check` uses (builtins, `AssertionError`) can fake `script_ok`.
