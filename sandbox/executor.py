@@ -45,19 +45,19 @@ how much CPU the job used. A machine so loaded that a job got almost no CPU for 
 Memory. As root the job cgroup's limit is `memory_mb` plus a fixed allowance for the zygote, set once (not what
 is in use plus an allowance), and it sits below the caller's cgroup, so the caller's limits hold too.
 
-Verdict channel (`_channel.py`): values, errors and the end marker travel as length-prefixed JSON frames on fd 3,
-a pipe whose read end only the parent holds; stdout is never parsed. Only plain data crosses (None, bool, int,
-float, str, bytes, complex, list, tuple, dict, set, frozenset, and ListNode/TreeNode as value lists; exact types
-only, so an `int` subclass with a rigged `__eq__` is refused), read in the parent by a bounded tokenizer
-(`_value.py`: no `json.loads`, no recursion, never unpickled): a value nested more than 256 deep is a `crash`, more
-than 2 MiB of encoded values or 262,144 items per job is `memory`, and a result keeps each value as its encoded text
+Verdict channel (`_channel.py`): values, errors and the end marker travel as length-prefixed JSON frames on fd 3, a
+pipe whose read end only the parent holds; stdout is never parsed. Only plain data crosses (None, bool, int, float,
+str, bytes, complex, list, tuple, dict, set, frozenset, and ListNode/TreeNode as value lists; exact types only, so
+an `int` subclass with a rigged `__eq__` is refused), read in the parent by a bounded tokenizer (`_value.py`: no
+`json.loads`, no recursion, never unpickled): a value nested more than 256 deep is a `crash`, more than 2 MiB of
+encoded values or 262,144 items per job is `memory`, and a result keeps each value as its encoded text
 (`CallOutcome.value` decodes it on access), so grading never raises, stalls or holds more than that. Whatever a
 program writes on fd 3 or elsewhere, its status is ok, crash, timeout or memory: setup success travels on a pipe
-closed before the program starts, and `infra_error` is left to failures of the executor itself (the job's `/tmp`
-is emptied without recursion, `_cleanup.py`, so no tree however deep makes one). Not forge-proof: a program that writes well-formed frames in
-order can claim values and `reached_end`, but correctness compares them with expected values that never enter the
-child. For a `script` (HumanEval `check`) the expected values do run in the child, so code that patches what
-`check` uses (builtins, `AssertionError`) can fake `script_ok`.
+closed before the program starts, and `infra_error` is left to failures of the executor itself (the job's `/tmp` is
+emptied without recursion, `_cleanup.py`, so no tree however deep makes one). Not forge-proof: a program that writes
+well-formed frames in order can claim values and `reached_end`, but correctness compares them with expected values
+that never enter the child. For a `script` (HumanEval `check`) the expected values do run in the child, so code that
+patches what `check` uses (builtins, `AssertionError`) can fake `script_ok`.
 
 How it runs: a pre-warmed fork server ("zygote", `_zygote.py`, one per worker thread) sets up its isolation once
 (`_setup.py`, `_isolation.py`, `_cgroup.py`, `_seccomp.py`) and checks it (`_probe.py`), then forks one child per
