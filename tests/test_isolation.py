@@ -3,9 +3,11 @@ behaviour log-probs are the policy's (softcapped logits, zero at pad positions).
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import make_model
 from trainer_utils import DEPLOYED, QUARANTINE, TOKENIZER, config, snapshot, trainer
 from transformers import Gemma2Config, Gemma2ForCausalLM, TrainerCallback
@@ -17,6 +19,7 @@ from routed_grpo.gate import KEEP, ROUTE, masks_from_zones
 
 EOS_IDS = [TOKENIZER.eos_token_id, *range(40, 80)]  # many ids end a completion: rows stop at different steps
 PAD = TOKENIZER.pad_token_id
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _force_keep_and_route(t):
@@ -195,3 +198,10 @@ def test_behaviour_logps_are_zero_at_pad_positions_with_the_cap_off(tmp_path):
         assert torch.equal(
             old[output["completion_mask"] == 0], torch.zeros(int((output["completion_mask"] == 0).sum()))
         )
+
+
+@pytest.mark.parametrize("arm", ["routed", "placebo"])
+def test_qwen3_4b_recipe_buffer_spans_the_run_at_8_gpus(arm):
+    recipe = yaml.safe_load((ROOT / "recipes" / "qwen3_4b" / f"{arm}.yaml").read_text())
+    run = recipe["max_steps"] * recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"] * 8
+    assert recipe["act_buffer_size"] >= run
