@@ -21,7 +21,9 @@ class RoutedGRPOConfig(GRPOConfig):
 
     Inherited settings with a routing-specific meaning: `beta` (KL coefficient) penalises the divergence from the
     BASE model, both blocks off (the grad-carrying forward keeps each row's masks, so the KL gradient reaches only
-    the blocks that row trains); `use_vllm` samples each sampling mode with its own merged weights (colocate or
+    the blocks that row trains); `max_grad_norm` clips the deployed and the quarantine block each by its own norm
+    with routing on (other trained parameters by the global norm; `grad_norm` still logs the global pre-clip norm);
+    `use_vllm` samples each sampling mode with its own merged weights (colocate or
     server; not yet run on a GPU). Refused: `sync_ref_model`; with routing on also `use_liger_kernel`,
     `disable_dropout=False` and continuous batching with `0 < gen_deploy_frac < 1`; the trainer also refuses
     DeepSpeed (any ZeRO stage) and FSDP with routing on.

@@ -61,9 +61,9 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
       (`routed_grpo.update`). `routing/rho_max/<zone>` is the maximum over all rows of all processes, micro-batches
       and steps of a logging window, `routing/rho_mean/<zone>` the row-weighted mean (reduced in `log`).
     - The gate's buffer spans the run by default (`act_buffer_size`); a non-finite pooled activation raises.
-    - Checkpoints also hold the gate buffer, `v_act` and the sampling RNG state (the deployed block is already a
-      stock PEFT adapter in `checkpoint-N/deployed/`); `resume_from_checkpoint` restores them and keeps both blocks
-      active. Adapter blocks get no weight decay, and a block parameter with an exactly zero gradient gets no
+    - Checkpoints also hold the gate buffer and `v_act` (`routing_gate.pt`, once) and each process's sampling RNG
+      (the deployed block is a stock PEFT adapter in `checkpoint-N/deployed/`); resuming restores them and keeps
+      both blocks active. Adapter blocks get no weight decay, and a block parameter with an exactly zero gradient gets no
       optimizer step (no momentum drift): no gradient means no change.
     - Rejected with routing on: tools / environment_factory / rollout_func, vision-language models, FSDP and every
       DeepSpeed stage (untested, and DeepSpeed neither fills `param.grad` nor steps the hooked optimizer).
