@@ -63,8 +63,8 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
     - The gate's buffer spans the run by default (`act_buffer_size`); a non-finite pooled activation raises.
     - Checkpoints also hold the gate buffer and `v_act` (`routing_gate.pt`, once) and each process's sampling RNG
       (the deployed block is a stock PEFT adapter in `checkpoint-N/deployed/`); resuming restores them and keeps
-      both blocks active. Adapter blocks get no weight decay, and a block parameter with an exactly zero gradient gets no
-      optimizer step (no momentum drift): no gradient means no change.
+      both blocks active. Adapter blocks get no weight decay, and a block parameter with an exactly zero gradient
+      gets no optimizer step (no momentum drift): no gradient means no change.
     - Rejected with routing on: tools / environment_factory / rollout_func, vision-language models, FSDP and every
       DeepSpeed stage (untested, and DeepSpeed neither fills `param.grad` nor steps the hooked optimizer).
     - `mismatch_ratio_cap` truncates `rho` on rows whose training mode differs from their sampling mode.
