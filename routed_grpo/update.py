@@ -90,6 +90,8 @@ class RoutedUpdate(GRPOTrainer):
 
         Every process calls `log` at the same points and holds a window whenever another does (they run the same
         micro-steps), so the gather is entered by all of them."""
+        if not self.model.training:  # an evaluation's log: the training window goes on
+            return super().log(logs, start_time)
         stats, self._rho_stats = self._rho_stats, None
         if stats is not None:
             logs.update(rho_zone_metrics(self.accelerator.gather(stats.unsqueeze(0))))
