@@ -59,7 +59,7 @@ def main() -> None:
         _, teacher = t._sampling_mode_forward(out, full)
     zones = []
     for acts in (seen["acts"], teacher):
-        gate = Gate(seen["buffer"]["vact"], t.args.route_tail_q, t.args.act_buffer_size, None, acts.device)
+        gate = Gate(seen["buffer"]["vact"], t.args.route_tail_q, t.gate.buffer.capacity, None, acts.device)
         gate.load_state_dict(seen["buffer"])
         zones.append(gate.step(acts).zones)
     diff = (seen["acts"] - teacher).abs()

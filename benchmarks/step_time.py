@@ -139,6 +139,7 @@ def make_trainer(arm: str, size: Size, state: dict, tokenizer, data, steps: int,
         use_cpu=not gpu,
         gradient_checkpointing=False,
         adapter_rank=size.rank,
+        act_buffer_size=8192,  # the default before it became the run's length: comparisons across commits hold one
         save_strategy="no",
         seed=0,
         temperature=1.0,

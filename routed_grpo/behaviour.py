@@ -3,7 +3,9 @@
 What it covers (DESIGN.md section 3, step 3, and invariant I4):
 - `SamplingPassPool`: reads both WHILE transformers' `generate` samples: the deployed bottleneck `h = A_dep x`
   pooled over each rollout's completion tokens (for the gate), and each sampled token's log-probability under the
-  sampling policy, `log_softmax(logits / T)` of the raw logits in float32 (the behaviour log-probs). Decoding feeds
+  sampling policy, `log_softmax(logits / T)` in float32 of the logits the causal LM returns (after any final
+  logit softcapping or scaling the architecture applies, as TRL's log-probs), 0 after a row's EOS (the behaviour
+  log-probs). Decoding feeds
   every completion token back through the model except the last one sampled; `finish` runs that one missing decode
   step on the sampler's own KV cache. Against a teacher-forced forward in the same sampling mode, both agree to
   float rounding: in float32 within `atol=1e-5` (activations, and log-probs), with identical gate zones on a fixed
@@ -63,9 +65,11 @@ class SamplingPassPool:
     outputs are only collected while the step runs; one concatenation and one fused multiply-add per step fold them
     into the sums (not a few tensor operations per module and step).
 
-    A forward hook on the LM head keeps each step's last-position logits; when the next step feeds the token sampled
-    from them, its log-probability at temperature `temperature` is recorded (TRL's definition of a log-prob: the raw
-    logits, no top-k / top-p / penalties).
+    A forward hook on the causal LM keeps each step's last-position output logits (the model's own, so Gemma's
+    softcapping or Cohere's / Granite's logit scale is applied, as in TRL's log-prob forward); when the next step
+    feeds the token sampled from them, its log-probability at temperature `temperature` is recorded (TRL's
+    definition of a log-prob: no top-k / top-p / penalties), or 0 where the row had already emitted its EOS (a pad
+    position: the completion mask is 0 there, and so is the loss forward's log-prob).
 
     Usage: `with pool.attached(): generate(...)`, then `pool.finish(completion_ids)` inside the same sampling-mode
     context, then `pool.pooled(completion_mask)` and `pool.logps(width)`. `problem` names why the pool is unusable
@@ -94,13 +98,8 @@ class SamplingPassPool:
     def attached(self) -> Iterator[None]:
         handles = [
             self.lm.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
-            self.lm.register_forward_hook(lambda *_: self._fold_step()),
+            self.lm.register_forward_hook(self._lm_hook),
         ]
-        head = self.lm.get_output_embeddings()
-        if head is None:
-            self.problem = "the model has no output embeddings to read the sampling logits from"
-        else:
-            handles.append(head.register_forward_hook(self._head_hook))
         try:
             with self.adapter.stream_capture(self._add):
                 yield
@@ -108,8 +107,10 @@ class SamplingPassPool:
             for handle in handles:
                 handle.remove()
 
-    def _head_hook(self, module, args, out: Tensor) -> None:
-        self._logits = out[:, -1] if out.dim() == 3 else None  # (B, V); a view, kept one step
+    def _lm_hook(self, module, args, out) -> None:
+        logits = getattr(out, "logits", None)  # the model's own output: final softcapping / scaling applied
+        self._logits = logits[:, -1] if logits is not None and logits.dim() == 3 else None  # (B, V), kept one step
+        self._fold_step()
 
     def _pre_hook(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids")
@@ -134,7 +135,8 @@ class SamplingPassPool:
             self.problem = "no logits seen for a fed token"
         else:
             logp = (self._logits.float() / self.temperature).log_softmax(-1)  # (B, V)
-            self._logps.append(logp.gather(1, token.unsqueeze(1)).squeeze(1))  # (B,)
+            token_logp = logp.gather(1, token.unsqueeze(1)).squeeze(1)  # (B,)
+            self._logps.append(token_logp.masked_fill(self._finished, 0.0))  # pad after EOS: 0, as its mask
         live = ~self._finished
         weights = torch.stack([live, live & (token != self.pad_id)]).float()  # (2, B)
         self._weights = weights.unsqueeze(-1)  # (2, B, 1)

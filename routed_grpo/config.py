@@ -21,7 +21,9 @@ class RoutedGRPOConfig(GRPOConfig):
 
     Inherited settings with a routing-specific meaning: `beta` (KL coefficient) penalises the divergence from the
     BASE model, both blocks off (the grad-carrying forward keeps each row's masks, so the KL gradient reaches only
-    the blocks that row trains); `use_vllm` samples each sampling mode with its own merged weights (colocate or
+    the blocks that row trains); `max_grad_norm` clips the deployed and the quarantine block each by its own norm
+    with routing on (other trained parameters by the global norm; `grad_norm` still logs the global pre-clip norm);
+    `use_vllm` samples each sampling mode with its own merged weights (colocate or
     server; not yet run on a GPU). Refused: `sync_ref_model`; with routing on also `use_liger_kernel`,
     `disable_dropout=False` and continuous batching with `0 < gen_deploy_frac < 1`; the trainer also refuses
     DeepSpeed (any ZeRO stage) and FSDP with routing on.
@@ -49,8 +51,16 @@ class RoutedGRPOConfig(GRPOConfig):
             Seed of the Haar-random placebo direction.
         route_tail_q (`float`, *optional*, defaults to `0.1`):
             Symmetric tail mass of the gate: `lo = q(route_tail_q)`, `hi = q(1 - route_tail_q)` over the buffer.
-        act_buffer_size (`int`, *optional*, defaults to `8192`):
-            Capacity (rollouts) of the run-spanning buffer of pooled activations.
+        act_buffer_size (`int`, *optional*):
+            Capacity (rollouts) of the run-spanning buffer of pooled activations, held in float32 on every
+            process's device (`capacity x modules x adapter_rank x 4` bytes each; the start-up log says how much).
+            Defaults to every rollout of the run: `max_steps` x the rollouts one optimizer step generates over all
+            processes (`per_device_train_batch_size x gradient_accumulation_steps x processes`, scaled by
+            `num_iterations` / `steps_per_generation`). With `max_steps=-1` (train by epochs) the number of steps is
+            only known when training starts: the default is then 8192 and the trainer warns at its first batch if
+            the run will generate more. A smaller capacity makes the buffer a window of the latest rollouts (the
+            thresholds then follow the recent distribution and can drift with a hack that grows); the trainer
+            warns once with both numbers.
         gate_warmup_rollouts (`int`, *optional*, defaults to `0`):
             The first this many rollouts of the run (counted over all processes) are all absorbed (both blocks
             train) while their activations fill the buffer; the gate's thresholds then start from their quantiles.
@@ -94,7 +104,9 @@ class RoutedGRPOConfig(GRPOConfig):
     vact_refresh_steps: int = field(default=0, metadata={"help": "Re-extract v_act every N steps (0 = never)."})
     placebo_seed: int = field(default=0, metadata={"help": "Seed of the Haar-random placebo direction."})
     route_tail_q: float = field(default=0.1, metadata={"help": "Symmetric gate tail mass, in (0, 0.5)."})
-    act_buffer_size: int = field(default=8192, metadata={"help": "Capacity of the activation buffer (rollouts)."})
+    act_buffer_size: int | None = field(
+        default=None, metadata={"help": "Activation buffer capacity (rollouts); default: every rollout of the run."}
+    )
     gate_warmup_rollouts: int = field(
         default=0, metadata={"help": "Rollouts absorbed while the buffer fills, before the gate routes (0 = none)."}
     )
@@ -127,7 +139,7 @@ class RoutedGRPOConfig(GRPOConfig):
             raise ValueError(f"route_tail_q must be in (0, 0.5), got route_tail_q={self.route_tail_q}")
         if self.mismatch_ratio_cap is not None and not self.mismatch_ratio_cap > 1.0:
             raise ValueError(f"mismatch_ratio_cap must be > 1 or None, got {self.mismatch_ratio_cap}")
-        if self.act_buffer_size < 1:
+        if self.act_buffer_size is not None and self.act_buffer_size < 1:
             raise ValueError(f"act_buffer_size must be >= 1, got act_buffer_size={self.act_buffer_size}")
         if self.gate_warmup_rollouts < 0:
             raise ValueError(

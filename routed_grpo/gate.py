@@ -16,6 +16,7 @@ What it covers (DESIGN.md section 3, steps 4-5, invariant I6):
   rollouts of the run (counted globally, in order) are all absorbed while their activations fill the buffer, so
   the first thresholds are quantiles of W rollouts rather than of the first batch alone (without a warm-up, the
   first batch is split about `route_tail_q` / rest / `route_tail_q` whatever it holds; a 4-row batch 25/50/25).
+  A non-finite activation anywhere in the gathered batch raises on every rank, naming the step, rows and modules.
 
 What it does not cover: producing the activations (routed_grpo/adapter.py captures them), extracting `v_act`
 (routed_grpo/vact.py) and applying the masks in the forward (adapter and trainer). Nothing here takes or
@@ -24,6 +25,7 @@ reads ground-truth labels (invariant I8): its only inputs are activations and `v
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,11 +130,12 @@ class ActivationBuffer:
         return {"capacity": self.capacity, "n_modules": self.n_modules, "rank": self.rank, "acts": self.acts().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        shape = (int(state["capacity"]), int(state["n_modules"]), int(state["rank"]))
-        if shape != (self.capacity, self.n_modules, self.rank):
+        """Restore the stored rows; the capacity may differ (a resumed run with another `max_steps`): a smaller
+        buffer keeps the newest rows."""
+        shape = (int(state["n_modules"]), int(state["rank"]))
+        if shape != (self.n_modules, self.rank):
             raise ValueError(
-                f"buffer state has (capacity, n_modules, rank) = {shape}; "
-                f"this buffer has {(self.capacity, self.n_modules, self.rank)}"
+                f"buffer state has (n_modules, rank) = {shape}; this buffer has {(self.n_modules, self.rank)}"
             )
         self._next, self._size = 0, 0
         self.append(state["acts"])
@@ -207,6 +210,8 @@ class Gate:
         accelerator: Any | None = None,
         device: str | torch.device = "cpu",
         warmup_rollouts: int = 0,
+        module_names: list[str] | None = None,
+        step_fn: Callable[[], int] | None = None,
     ):
         if vact.dim() != 2:
             raise ValueError(f"vact must be (n_modules, rank); got shape {tuple(vact.shape)}")
@@ -219,6 +224,9 @@ class Gate:
         self.accelerator = accelerator
         self.vact = vact.detach().to(device, torch.float32).clone()
         self.buffer = ActivationBuffer(capacity, vact.shape[0], vact.shape[1], device=device)
+        self.module_names = module_names  # for error messages only
+        self.step_fn = step_fn  # the trainer's optimizer step, for error messages only
+        self.calls = 0  # batches gated so far
 
     def set_vact(self, vact: Tensor) -> None:
         """Replace `v_act`; the buffer keeps its activations and is re-scored at the next `step` (no flush)."""
@@ -237,6 +245,8 @@ class Gate:
         """
         local = acts.detach().float()
         global_acts, offset = gather_with_offset(local, self.accelerator)
+        self._check_finite(global_acts, offset, local.shape[0])
+        self.calls += 1
         self.buffer.append(global_acts)
         buffer_scores = score(self.buffer.acts(), self.vact)  # (len(buffer),) oldest first
         lo, hi = quantile_thresholds(buffer_scores, self.route_tail_q)
@@ -253,6 +263,26 @@ class Gate:
         scores, zones = global_scores[rows].to(acts.device), global_zones[rows].to(acts.device)
         m, d = masks_from_zones(zones)
         return GateDecision(scores, zones, m, d, lo, hi, len(self.buffer), zone_fractions(global_zones), warm)
+
+    def _check_finite(self, global_acts: Tensor, offset: int, n_local: int) -> None:
+        """Refuse a batch with a non-finite pooled activation, on every rank at once (the batch is the gathered one).
+
+        One NaN would make the quantile thresholds NaN, every comparison false and every later row absorbed, that
+        is routing silently off until the row left the buffer."""
+        bad = ~torch.isfinite(global_acts)  # (N, M, r)
+        if not bool(bad.any()):
+            return
+        rows = bad.flatten(1).any(1).nonzero().flatten().tolist()
+        modules = bad.any(2).any(0).nonzero().flatten().tolist()
+        names = [self.module_names[m] for m in modules] if self.module_names else modules
+        step = self.step_fn() if self.step_fn is not None else f"(gate call) {self.calls}"
+        mine = [r - offset for r in rows if offset <= r < offset + n_local]
+        raise FloatingPointError(
+            f"non-finite pooled activations at step {step}: rows {rows[:20]} of the global batch of "
+            f"{global_acts.shape[0]} ({len(rows)} rows; this process's rows {mine[:20]}), modules {names[:10]} "
+            f"({len(modules)} modules). The gate refuses them: a NaN would turn its thresholds into NaN and absorb "
+            "every later rollout (routing silently off)."
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -30,7 +30,7 @@ def per_row_rho(logps: Tensor, old_logps: Tensor, completion_mask: Tensor) -> tu
     in both, a finite value that enters no loss term."""
     mask = completion_mask.bool()
     rho = torch.exp(logps.detach().float() - old_logps.float())  # (B, T)
-    mean = (rho * mask).sum(1) / mask.sum(1).clamp_min(1)
+    mean = rho.masked_fill(~mask, 0.0).sum(1) / mask.sum(1).clamp_min(1)  # a pad position's ratio never enters
     peak = rho.masked_fill(~mask, float("-inf")).max(1).values
     empty = ~mask.any(1)
     return mean.masked_fill(empty, 1.0), peak.masked_fill(empty, 1.0)
@@ -60,14 +60,32 @@ def cap_mismatched_ratio(logps: Tensor, old_logps: Tensor, rows: Tensor, cap: fl
     return torch.where(capped, floor, old_logps), capped
 
 
-def rho_by_zone(row_mean: Tensor, row_max: Tensor, zones: Tensor) -> dict[str, float]:
-    """`routing/rho_mean/<zone>` and `routing/rho_max/<zone>` over the rows of each zone present in the batch."""
+def rho_zone_stats(row_mean: Tensor, row_max: Tensor, zones: Tensor) -> Tensor:
+    """(3, 3) float32 per zone in ZONE_NAMES order: [sum of the rows' mean ratios, rows, largest ratio (-inf: no
+    row)]. Rows in no zone (zone -1) are left out. Stays on the device: no host synchronisation."""
+    onehot = zones.unsqueeze(1) == torch.arange(len(ZONE_NAMES), device=zones.device)  # (B, 3)
+    sums = (onehot * row_mean.float().unsqueeze(1)).sum(0)
+    peaks = row_max.float().unsqueeze(1).masked_fill(~onehot, float("-inf")).amax(0)
+    return torch.stack([sums, onehot.sum(0).float(), peaks], dim=1)
+
+
+def merge_rho_stats(a: Tensor | None, b: Tensor) -> Tensor:
+    """Two `rho_zone_stats` (or a stack of them, (..., 3, 3)) merged: sums and counts add, maxima take the max."""
+    if a is None:
+        return b
+    return torch.cat([a[..., :2] + b[..., :2], torch.maximum(a[..., 2:], b[..., 2:])], dim=-1)
+
+
+def rho_zone_metrics(stats: Tensor) -> dict[str, float]:
+    """`routing/rho_mean/<zone>` (row-weighted) and `routing/rho_max/<zone>` (the true maximum) from (..., 3, 3)
+    stats of any number of processes and micro-batches; zones without rows are left out."""
+    total = stats.reshape(-1, len(ZONE_NAMES), 3)
+    sums, rows, peaks = torch.stack([total[:, :, 0].sum(0), total[:, :, 1].sum(0), total[:, :, 2].amax(0)]).tolist()
     out = {}
     for z, name in enumerate(ZONE_NAMES):
-        rows = zones == z
-        if rows.any():
-            out[f"routing/rho_mean/{name}"] = row_mean[rows].mean().item()
-            out[f"routing/rho_max/{name}"] = row_max[rows].max().item()
+        if rows[z] > 0:
+            out[f"routing/rho_mean/{name}"] = sums[z] / rows[z]
+            out[f"routing/rho_max/{name}"] = peaks[z]
     return out
 
 

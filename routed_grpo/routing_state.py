@@ -4,13 +4,16 @@ Covers: the model with its two blocks (`routed_adapter`), TRL's construction wit
 (`without_trl_kl_reference`), the settings refused with routing on (`_reject_unsupported`), `v_act` (loaded,
 extracted from pairs at start, refreshed every `vact_refresh_steps` without flushing the gate's buffer), the
 optimizer rule ("no gradient means no change": no weight decay on the blocks, no step for a block parameter whose
-gradient is exactly zero), and checkpoints of the routing state (gate buffer, `v_act`, sampling RNG) and of both
-blocks. Does not cover: generation, the gate's decisions and the loss (routed_grpo.trainer).
+gradient is exactly zero), the gate buffer's size (`buffer_capacity`: by default every rollout of the run; its
+memory in the start-up log, a warning when it is a window or large), and checkpoints of the routing state (the
+gate's buffer and `v_act` once per checkpoint, the sampling RNG per process) and of both blocks. Does not cover:
+generation, the gate's decisions and the loss (routed_grpo.trainer).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -25,6 +28,39 @@ from routed_grpo.config import RoutedGRPOConfig
 from routed_grpo.loss import zero_grad_flags
 from routed_grpo.pairs import load_pairs
 from routed_grpo.vact import extract_vact, haar_placebo, load_vact
+
+FALLBACK_BUFFER = 8192  # rollouts, when the run's length is not known at start (max_steps=-1)
+BUFFER_MEMORY_BOUND = 2 * 1024**3  # bytes per process above which the start-up log warns
+GATE_FILE = "routing_gate.pt"  # the gate's state, identical on every process: written once per checkpoint
+log = logging.getLogger(__name__)
+
+
+def run_rollouts(args: RoutedGRPOConfig, max_steps: int) -> int | None:
+    """Rollouts a run of `max_steps` optimizer steps generates over all processes (None when `max_steps <= 0`).
+
+    TRL generates `generation_batch_size` rollouts (all processes) every `steps_per_generation x num_iterations`
+    micro-steps, and an optimizer step is `gradient_accumulation_steps` micro-steps."""
+    if max_steps <= 0:
+        return None
+    every = args.steps_per_generation * args.num_iterations
+    generations = -(-max_steps * args.gradient_accumulation_steps // every)
+    return generations * args.generation_batch_size
+
+
+def buffer_capacity(args: RoutedGRPOConfig, adapter: RoutedAdapter) -> int:
+    """`act_buffer_size`, or every rollout of the run; logs its memory, warns once when it passes the bound."""
+    capacity = args.act_buffer_size or run_rollouts(args, args.max_steps) or FALLBACK_BUFFER
+    row = len(adapter.module_names) * adapter.rank * 4  # float32 bytes per rollout
+    gib = capacity * row / 1024**3
+    log.info("routing: activation buffer of %d rollouts, %.3f GiB on each process's device", capacity, gib)
+    if capacity * row > BUFFER_MEMORY_BOUND:
+        log.warning(
+            "routing: the activation buffer (%d rollouts x %d modules x rank %d, float32) takes %.2f GiB on each "
+            "process's device, above %.0f GiB; set act_buffer_size lower to bound it (the buffer becomes a window "
+            "of the latest rollouts, see act_buffer_size)",
+            capacity, len(adapter.module_names), adapter.rank, gib, BUFFER_MEMORY_BOUND / 1024**3,
+        )  # fmt: skip
+    return capacity
 
 
 class RoutingState(GRPOTrainer):
@@ -54,6 +90,19 @@ class RoutingState(GRPOTrainer):
                 "both blocks and the activation hooks are untested on sharded parameters. Use DDP "
                 "(recipes/accelerate_configs/ddp.yaml)."
             )
+
+    def _check_buffer_span(self) -> None:
+        """At the first gated batch (the run's length is known then): warn once if the buffer holds fewer rollouts
+        than the run will generate."""
+        needed, capacity = run_rollouts(self.args, self.state.max_steps), self.gate.buffer.capacity
+        if needed is not None and needed > capacity:
+            log.warning(
+                "routing: act_buffer_size %d < the %d rollouts this run generates (%d steps): the buffer is a window "
+                "of the latest %d rollouts, not the whole run. The gate's thresholds are then quantiles of the recent "
+                "rollouts only: the early (clean) rollouts that anchor the low tail leave it, and a behaviour that "
+                "grows can move the thresholds with it (DESIGN.md section 3, step 5).",
+                capacity, needed, self.state.max_steps, capacity,
+            )  # fmt: skip
 
     # ---- v_act ----------------------------------------------------------------------------------------------------
     def _extract_vact(self) -> torch.Tensor:
@@ -117,10 +166,10 @@ class RoutingState(GRPOTrainer):
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         state = {"sampling_rng": self._sampling_rng.get_state(), "last_refresh": self._last_refresh}
-        if self.gate is not None:
-            state["gate"] = self.gate.state_dict()
         rank = self.accelerator.process_index
         torch.save(state, os.path.join(folder, f"routing_state_rank{rank}.pt"))
+        if self.gate is not None and self.args.should_save:  # identical on every process: one copy
+            torch.save(self.gate.state_dict(), os.path.join(folder, GATE_FILE))
         # The parent's PEFT save already wrote `folder/deployed/`: a stock LoRA adapter of the deployed block.
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -147,7 +196,13 @@ class RoutingState(GRPOTrainer):
         self._sampling_rng.set_state(state["sampling_rng"])
         self._last_refresh = state["last_refresh"]
         if self.gate is not None:
-            self.gate.load_state_dict(state["gate"])
+            gate_path = os.path.join(checkpoint, GATE_FILE)
+            if os.path.exists(gate_path):
+                self.gate.load_state_dict(torch.load(gate_path, map_location="cpu", weights_only=True))
+            elif "gate" in state:  # checkpoints written before the gate state had its own file
+                self.gate.load_state_dict(state["gate"])
+            else:
+                raise FileNotFoundError(f"{gate_path}: the checkpoint has no gate state")
             self.gate.route_tail_q = self.args.route_tail_q  # the config, not the checkpoint, sets the tail mass
 
 

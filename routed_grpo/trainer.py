@@ -19,13 +19,11 @@ from routed_grpo.loss import (
     block_grad_norms,
     cap_mismatched_ratio,
     draw_sampling_modes,
-    first_nonfinite_zone,
     grad_qmass,
     mismatched_rows,
-    per_row_rho,
-    rho_by_zone,
 )
-from routed_grpo.routing_state import RoutingState, routed_adapter, without_trl_kl_reference
+from routed_grpo.routing_state import RoutingState, buffer_capacity, routed_adapter, without_trl_kl_reference
+from routed_grpo.update import RoutedUpdate
 from routed_grpo.vact import auroc
 from routed_grpo.vllm_sync import PerModeGeneration
 
@@ -33,7 +31,7 @@ MeasureFn = Callable[..., dict[str, list[float]]]
 log = logging.getLogger(__name__)
 
 
-class RoutedGRPOTrainer(RoutingState):
+class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
     """GRPO with a deployed and a quarantine adapter block and a label-free gate (DESIGN.md section 3).
 
     What differs from `trl.GRPOTrainer`:
@@ -57,10 +55,16 @@ class RoutedGRPOTrainer(RoutingState):
     - `compute_loss` sets the masks for the grad-carrying forward and fails if the log-prob hook did not run;
       `training_step` clears the masks only after backward (gradient checkpointing re-runs the forward hooks), then
       logs the routing mass of the gradient norm (one fused reduction).
-    - Checkpoints also hold the gate buffer, `v_act` and the sampling RNG state (the deployed block is already a
-      stock PEFT adapter in `checkpoint-N/deployed/`); `resume_from_checkpoint` restores them and keeps both blocks
-      active. Adapter blocks get no weight decay, and a block parameter with an exactly zero gradient gets no
-      optimizer step (no momentum drift): no gradient means no change.
+    - `_clip_grad_norm` clips the deployed and the quarantine block each by its own norm (stock: every parameter by
+      one global norm), so neither block's step depends on the other's gradient; `grad_norm` is still the pre-clip
+      norm of all trained parameters, and `routing/clip_coef/<block>` logs each block's coefficient
+      (`routed_grpo.update`). `routing/rho_max/<zone>` is the maximum over all rows of all processes, micro-batches
+      and steps of a logging window, `routing/rho_mean/<zone>` the row-weighted mean (reduced in `log`).
+    - The gate's buffer spans the run by default (`act_buffer_size`); a non-finite pooled activation raises.
+    - Checkpoints also hold the gate buffer and `v_act` (`routing_gate.pt`, once) and each process's sampling RNG
+      (the deployed block is a stock PEFT adapter in `checkpoint-N/deployed/`); resuming restores them and keeps
+      both blocks active. Adapter blocks get no weight decay, and a block parameter with an exactly zero gradient
+      gets no optimizer step (no momentum drift): no gradient means no change.
     - Rejected with routing on: tools / environment_factory / rollout_func, vision-language models, FSDP and every
       DeepSpeed stage (untested, and DeepSpeed neither fills `param.grad` nor steps the hooked optimizer).
     - `mismatch_ratio_cap` truncates `rho` on rows whose training mode differs from their sampling mode.
@@ -68,7 +72,7 @@ class RoutedGRPOTrainer(RoutingState):
     upper-bound trainers of `routed_grpo.lab.diagnostic` override it (`routing="diagnostic"`, which this class
     refuses), so the method's arms (`vact`, `placebo`) have no path to labels.
     Inherited unchanged: data loading, reward computation, advantages, the clipped surrogate, the KL term and their
-    aggregation, logging, evaluation. With `routing="none"` the trainer is stock GRPO with the adapter.
+    aggregation, evaluation. With `routing="none"` the trainer is stock GRPO with the adapter.
     An optional `measure_fn(prompts, completions, **columns) -> {"hack_strict": [...]}` is called after the gate
     has decided, only to log `measure/...` (the AUROC of the score); nothing it returns reaches the gate or loss.
     """
@@ -112,10 +116,12 @@ class RoutedGRPOTrainer(RoutingState):
             self.gate = Gate(
                 self._initial_vact(),
                 args.route_tail_q,
-                args.act_buffer_size,
+                buffer_capacity(args, self.adapter),
                 self.accelerator,
                 self.accelerator.device,
                 warmup_rollouts=args.gate_warmup_rollouts,
+                module_names=list(self.adapter.module_names),
+                step_fn=lambda: self.state.global_step,
             )
             if self.use_vllm:
                 self._vllm_modes = PerModeGeneration(self.vllm_generation, self.adapter)
@@ -192,6 +198,8 @@ class RoutedGRPOTrainer(RoutingState):
         if self.gate is None or not self.model.training:
             return super()._generate_and_score_completions(inputs)
         self._maybe_refresh_vact()
+        if self.gate.calls == 0:
+            self._check_buffer_span()
         expected = self._trl_computes_old_logps()
         self._acts, self._trl_behaviour = None, expected
         t0 = time.perf_counter()
@@ -210,6 +218,7 @@ class RoutedGRPOTrainer(RoutingState):
         old, acts = self._observed_behaviour(output)
         if acts is None:  # no sampling pass to read: one teacher-forced forward in sampling modes gives both
             old, acts = self._sampling_mode_forward(output, full)
+        old = old.masked_fill(output["completion_mask"] == 0, 0.0)  # pad positions: 0, as the loss forward's
         t2 = time.perf_counter()
         decision = self._decide_zones(acts, output)
         t3 = time.perf_counter()
@@ -371,25 +380,6 @@ class RoutedGRPOTrainer(RoutingState):
             )
         self._check_finite(loss, inputs)
         return loss
-
-    def _check_finite(self, loss: torch.Tensor, inputs: dict[str, Any]) -> None:
-        """Raise on every rank if a ratio the loss used, or the loss, is non-finite on any rank; log rho per zone
-        before `mismatch_ratio_cap` (the blow-up the cap bounds stays visible in `routing/rho_max/<zone>`)."""
-        mask = inputs["completion_mask"]
-        row_mean, row_max = per_row_rho(self._loss_logps, self._loss_old_logps, mask)
-        zones = torch.where(mask.bool().any(1), inputs["routing_zone"], -1)  # rows without tokens: in no zone
-        finite = torch.isfinite(row_mean).all() & torch.isfinite(row_max).all() & torch.isfinite(loss).all()
-        if self.accelerator.reduce((~finite).float(), reduction="sum").item() > 0:  # no rank hangs in all-reduce
-            bad_zone = first_nonfinite_zone(row_mean, row_max, zones)
-            where = f"zone '{bad_zone}'" if bad_zone else ("the loss" if not torch.isfinite(loss) else "another rank")
-            raise FloatingPointError(
-                f"non-finite importance ratio or loss at step {self.state.global_step} in {where} "
-                f"(rho_max per row {row_max.tolist()}, loss {loss.item()})"
-            )
-        if self.args.mismatch_ratio_cap is not None:
-            row_mean, row_max = per_row_rho(self._loss_logps, self._uncapped_old_logps, mask)
-        for key, value in rho_by_zone(row_mean, row_max, zones).items():
-            self._metrics["train"][key].append(value)
 
     def training_step(self, model, inputs, num_items_in_batch):
         try:

@@ -337,6 +337,8 @@ PINNED = {
     "_save_checkpoint": ["self", "model", "trial"],
     "_load_optimizer_and_scheduler": ["self", "checkpoint"],
     "_load_from_checkpoint": ["self", "resume_from_checkpoint", "model"],
+    "_clip_grad_norm": ["self", "model"],
+    "log": ["self", "logs", "start_time"],
 }
 
 
