@@ -14,9 +14,12 @@ default for a foreign architecture).
 Shared kernel objects that could carry data between concurrent jobs (every job binds the same read-only inodes of
 the standard library): file locks are denied (`flock`, and `fcntl` record, open-file-description and lease
 commands: EPERM), as are file-change notifications (`inotify_*`, `fcntl(F_NOTIFY)`, `fanotify_init`), page
-cache residency queries (`mincore`, `cachestat`, `preadv2`/`pwritev2` with `RWF_NOWAIT`) and futex wakes that are
-not process-private (`futex` wake and requeue commands without `FUTEX_PRIVATE_FLAG`, `futex_wake`,
-`futex_requeue`): a shared futex on a page of a shared file is keyed by its inode, so it would reach other jobs.
+cache residency queries (`mincore`, `cachestat`, `preadv2`/`pwritev2` with `RWF_NOWAIT`) and futexes that are not
+process-private (`futex` wake and requeue commands without `FUTEX_PRIVATE_FLAG` answer EPERM, shared waits answer
+EAGAIN at once, so no job ever sleeps on a shared key that a wake of another job, or the kernel's clear-tid wake at
+a thread's exit, could reach; `futex_wake`, `futex_requeue`, `futex_wait` and `futex_waitv` are denied): a shared
+futex on a page of a shared file is keyed by its inode, so it would reach other jobs. Argument checks compare the
+width the kernel reads (`fcntl`'s command as 32 bits), so a value with high bits set cannot slip past them.
 `sqlite3` in memory needs no lock and works; a database file in the job's `/tmp` cannot be locked, so sqlite
 reports an error on it (the `unix-none` VFS, `sqlite3.connect("file:x.db?vfs=unix-none", uri=True)`, works).
 
@@ -51,17 +54,24 @@ DENIED = (
     " syslog settimeofday clock_settime clock_adjtime adjtimex sethostname setdomainname iopl ioperm vhangup"
     " nfsservctl uselib"
     # shared kernel objects that could carry data between jobs: locks, change notifications, page cache residency
-    " flock inotify_init inotify_init1 inotify_add_watch mincore cachestat futex_wake futex_requeue"
+    " flock inotify_init inotify_init1 inotify_add_watch mincore cachestat futex_wake futex_requeue futex_waitv"
+    " futex_wait"
 ).split()
 # futex commands that wake or requeue waiters: refused unless FUTEX_PRIVATE_FLAG (128) is set, so that no job wakes a
-# waiter of another job on a page of a shared file (a shared futex key is the file's inode and offset). Shared
-# waits stay allowed (glibc's pthread_join waits on a shared futex that the kernel wakes).
+# waiter of another job on a page of a shared file (a shared futex key is the file's inode and offset).
 SHARED_FUTEX_WAKERS = (1, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13)
+# Shared waits (FUTEX_WAIT, FUTEX_WAIT_BITSET without FUTEX_PRIVATE_FLAG) answer EAGAIN at once: no job ever sleeps
+# on a shared key, so the wakes the kernel itself makes (a thread's clear-tid address, which a job can point at a
+# page of a shared file) reach nobody. EAGAIN is what a wait answers when the futex word has changed, so libc
+# callers retry: glibc's pthread_join then spins until the thread has gone instead of sleeping (CPython before 3.13
+# never joins a thread through it; from 3.13 a join costs CPU time while it waits).
+SHARED_FUTEX_WAITS = (0, 9)
 _FUTEX_CMD_AND_PRIVATE = 0x7F | 128
 # fcntl commands: F_GETLK F_SETLK F_SETLKW, F_OFD_GETLK F_OFD_SETLK F_OFD_SETLKW, F_SETLEASE F_GETLEASE F_NOTIFY
 DENIED_FCNTL = (5, 6, 7, 36, 37, 38, 1024, 1025, 1026)
 SOCKET_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6: every other family is refused
 _RWF_NOWAIT = 0x8
+_LOW32 = 0xFFFFFFFF
 ZYGOTE_NEEDS = ("unshare",)  # per job: a fresh IPC namespace
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
@@ -78,8 +88,12 @@ def build_bpf(pyseccomp, leave: tuple[str, ...] = ()) -> tuple[bytes, list[str]]
         filt.add_rule(eperm, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
     for cmd in SHARED_FUTEX_WAKERS:
         filt.add_rule(eperm, "futex", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _FUTEX_CMD_AND_PRIVATE, cmd))
-    for cmd in DENIED_FCNTL:
-        filt.add_rule(eperm, "fcntl", pyseccomp.Arg(1, pyseccomp.EQ, cmd))
+    for cmd in SHARED_FUTEX_WAITS:
+        filt.add_rule(
+            pyseccomp.ERRNO(errno.EAGAIN), "futex", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _FUTEX_CMD_AND_PRIVATE, cmd)
+        )
+    for cmd in DENIED_FCNTL:  # the kernel reads `cmd` as a 32-bit unsigned int: compare the low 32 bits only
+        filt.add_rule(eperm, "fcntl", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _LOW32, cmd))
     for call in ("preadv2", "pwritev2"):
         filt.add_rule(eperm, call, pyseccomp.Arg(5, pyseccomp.MASKED_EQ, _RWF_NOWAIT, _RWF_NOWAIT))
     _socket_allow_list(pyseccomp, filt)

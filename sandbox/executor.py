@@ -27,12 +27,13 @@ namespaces (`_probe.py`), once per zygote.
 
 Jobs share nothing (strict). No job's program, output, value or returned file ever enters the memory later jobs are
 forked from: the program travels in a memfd that only the job's child reads, output and values go from the child
-straight to this process, returned files come from a reader process forked for the job. Nothing a job made outlives it:
-its processes are killed, `/tmp` is emptied (without recursion), its System V IPC objects are removed and the next job
-gets a fresh IPC namespace. Between concurrent jobs, which bind the same read-only files, file locks, change
-notifications, page cache residency queries and futex wakes that are not process-private are refused (`_seccomp.py`:
-`sqlite3` in memory works, a database file in `/tmp` gives `sqlite3.OperationalError`), and socket families are an
-allow-list (`AF_UNIX`, `AF_INET`, `AF_INET6`, in an empty network namespace).
+straight to this process, returned files come from a reader process forked for the job. Nothing a job made outlives
+it: its processes are killed, `/tmp` is emptied (without recursion), its System V IPC objects are removed and the
+next job gets a fresh IPC namespace. Between concurrent jobs, which bind the same read-only files, file locks,
+change notifications, page cache residency queries and futexes that are not process-private (wakes refused, waits
+never sleep) are refused (`_seccomp.py`: `sqlite3` in memory works, a database file in `/tmp` gives
+`sqlite3.OperationalError`), and socket families are an allow-list (`AF_UNIX`, `AF_INET`, `AF_INET6`, in an empty
+network namespace).
 
 Time. `timeout_s` is CPU time of the whole job, so a verdict does not depend on how busy the machine is. As root
 the kernel counts it (the job cgroup's cpuacct counter, protection `job_cpu_cgroup`): every process of the job,

@@ -132,6 +132,60 @@ def test_shared_futex_wakes_are_refused_private_ones_work():
     assert shared_wake == -errno.EPERM and private_wake == 0
 
 
+WAIT = r"""
+import ctypes, mmap, os, struct, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+NR = {"x86_64": 202, "aarch64": 98}[os.uname().machine]
+class TS(ctypes.Structure):
+    _fields_ = [("s", ctypes.c_long), ("ns", ctypes.c_long)]
+def wait(op, seconds):
+    if op & 128:  # a private futex in the process's own memory
+        word, cell = 7, ctypes.c_uint(7)
+        addr = ctypes.addressof(cell)
+    else:  # the page of a file every job maps: a shared futex key is its inode and offset
+        f = open(os.__file__, "rb")
+        m = mmap.mmap(f.fileno(), 4096, access=mmap.ACCESS_READ)
+        word = struct.unpack("I", m[:4])[0]
+        name = os.path.basename(os.__file__)
+        addr = next(int(line.split("-")[0], 16) for line in open("/proc/self/maps")
+                    if line.rstrip().endswith(name) and line.split()[1] == "r--s")
+    t0 = time.monotonic()
+    ret = libc.syscall(ctypes.c_long(NR), ctypes.c_void_p(addr), ctypes.c_long(op), ctypes.c_long(word),
+                       ctypes.byref(TS(0, int(seconds * 1e9))), None, ctypes.c_long(0))
+    return (ret if ret >= 0 else -ctypes.get_errno()), round(time.monotonic() - t0, 2)
+"""
+
+
+def test_no_job_sleeps_on_a_shared_futex_key_that_another_job_could_wake():
+    """A thread's exit makes the kernel wake its clear-tid address shared, and a job may point that address at a page
+    of a file every job maps: a waiter there in another job would be woken (one bit per wake). Shared waits answer
+    at once instead; private waits still sleep until their timeout."""
+    (shared, shared_s), (private, private_s) = job_values(WAIT, "wait(0, 0.5)", "wait(0 | 128, 0.2)")
+    assert shared == -errno.EAGAIN and shared_s < 0.4, (shared, shared_s)
+    assert private == -errno.ETIMEDOUT and private_s >= 0.15, (private, private_s)
+
+
+RAW_FCNTL = r"""
+import ctypes, fcntl, os, struct
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+NR = {"x86_64": 72, "aarch64": 25}[os.uname().machine]
+def raw(cmd):
+    fd = os.open(os.__file__, os.O_RDONLY)
+    lk = ctypes.create_string_buffer(struct.pack("hhqqi", fcntl.F_RDLCK, 0, 424242, 7, 0))
+    ret = libc.syscall(ctypes.c_long(NR), ctypes.c_long(fd), ctypes.c_ulong((1 << 32) | cmd), lk)
+    return ret if ret >= 0 else -ctypes.get_errno()
+"""
+
+
+def test_fcntl_lock_commands_with_high_bits_set_are_refused_too():
+    """The kernel reads fcntl's command as 32 bits: `(1 << 32) | F_SETLK` is F_SETLK to it, so the filter must compare
+    the low 32 bits, or a raw syscall takes a lock that a concurrent job can read back with F_GETLK."""
+    got = job_values(RAW_FCNTL, *(f"raw({cmd})" for cmd in (5, 6, 36, 37, 1026)))
+    assert got == [-errno.EPERM] * 5, got
+
+
 def test_sqlite_in_memory_works_and_a_database_file_fails_cleanly():
     code = (
         "import sqlite3\ndef mem():\n    c = sqlite3.connect(':memory:')\n    c.execute('create table t(x)')\n"
