@@ -55,11 +55,11 @@ class RoutedGRPOConfig(GRPOConfig):
             Capacity (rollouts) of the run-spanning buffer of pooled activations, held in float32 on every
             process's device (`capacity x modules x adapter_rank x 4` bytes each; the start-up log says how much).
             Defaults to every rollout of the run: `max_steps` x the rollouts one optimizer step generates over all
-            processes (`per_device_train_batch_size x gradient_accumulation_steps x processes`, scaled by
-            `num_iterations` / `steps_per_generation`). With `max_steps=-1` (train by epochs) the number of steps is
-            only known when training starts: the default is then 8192 and the trainer warns at its first batch if
-            the run will generate more. A smaller capacity makes the buffer a window of the latest rollouts (the
-            thresholds then follow the recent distribution and can drift with a hack that grows); the trainer
+            processes (`per_device_train_batch_size x gradient_accumulation_steps x processes`, divided by
+            `num_iterations`, rounded up to whole generation batches). With `max_steps=-1` (train by epochs) the number
+            of steps is only known when training starts: the default is then 8192 and the trainer warns at its first
+            batch if the run will generate more. A smaller capacity makes the buffer a window of the latest rollouts
+            (the thresholds then follow the recent distribution and can drift with a hack that grows); the trainer
             warns once with both numbers.
         gate_warmup_rollouts (`int`, *optional*, defaults to `0`):
             The first this many rollouts of the run (counted over all processes) are all absorbed (both blocks

@@ -110,6 +110,7 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
         self._loss_inputs: dict[str, Any] | None = None
         self._last_refresh = 0
         self._warned_fallback = False
+        self._buffer_span_checked = False  # once, at the first gated batch (max_steps is known by then)
         self.gate = None
         self._vllm_modes = None
         if args.routing != "none":
@@ -198,7 +199,8 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
         if self.gate is None or not self.model.training:
             return super()._generate_and_score_completions(inputs)
         self._maybe_refresh_vact()
-        if self.gate.calls == 0:
+        if not self._buffer_span_checked:
+            self._buffer_span_checked = True
             self._check_buffer_span()
         expected = self._trl_computes_old_logps()
         self._acts, self._trl_behaviour = None, expected

@@ -88,6 +88,10 @@ def test_a_run_evaluated_with_other_samples_per_problem_is_evaluated_again_witho
     study._launch(run, None, 1)
     job = json.loads((run.run_dir / "job.json").read_text())
     assert job["evaluate_only"] is True and job["train_seconds"] == 12.5 and len(started) == 1
+    evaluated = []  # the job evaluates with the recipe's samples, not those of the run's own (older) config
+    monkeypatch.setattr("routed_grpo.lab.evaluation.evaluate_run", lambda *a, **k: evaluated.append(k) or {})
+    study.run_job(run.run_dir / "job.json")
+    assert [k["samples"] for k in evaluated] == [4]
     assert not (run.run_dir / "eval.json").exists(), "the stale evaluation is removed before the new one"
     (run.run_dir / "study.json").write_text(json.dumps({"argv": [*run.argv, "--seed", "9"]}))
     study._launch(run, None, 1)

@@ -47,8 +47,8 @@ FINAL_REWARD_STEPS = 5  # the final training reward: mean of the last this many 
 COLLAPSE_FULL_COMPILE = 0.1
 COLLAPSE_RULE = (
     f"a run is collapsed when training broke: its final training reward (mean of the last {FINAL_REWARD_STEPS} "
-    "logged steps) is below the run's compile reward (0.5 by default: on average its rollouts no longer even "
-    f"compile), or its full model (both blocks on, the policy training produced) compiles on fewer than "
+    "logged steps) is below the run's compile reward (0.5 by default: less than rollouts that all compile but "
+    "never pass would earn), or its full model (both blocks on, the policy training produced) compiles on fewer than "
     f"{COLLAPSE_FULL_COMPILE:.0%} of held-out samples. A deployed model that no longer compiles while the full "
     "model does is a result about the method, not a collapse"
 )

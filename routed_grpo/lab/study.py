@@ -202,6 +202,7 @@ def _launch(run: Run, eval_n: int | None, workers: int) -> subprocess.Popen:
         "argv": run.argv,
         "run_dir": str(run.run_dir),
         "eval_n": eval_n,
+        "eval_samples": run.eval_samples,  # the recipe's now: a run trained before it changed is evaluated so
         "workers": workers,
         "spec": asdict(run.spec),
         "seed": run.seed,
@@ -291,7 +292,7 @@ def run_job(job_file: str | Path) -> int:
         script, training, model_args = parse_recipe(job["argv"])
         run_experiment(script, training, model_args)
     t1 = time.time()
-    evaluate_run(job["run_dir"], n=job["eval_n"], workers=job["workers"])
+    evaluate_run(job["run_dir"], n=job["eval_n"], workers=job["workers"], samples=job.get("eval_samples"))
     train_s = job.get("train_seconds") or 0.0 if job.get("evaluate_only") else t1 - t0  # an earlier job's, if so
     record = {**job, "train_seconds": round(train_s, 1), "eval_seconds": round(time.time() - t1, 1)}
     atomic_write_text(Path(job["run_dir"]) / STUDY_FILE, json.dumps(record, indent=2) + "\n")
