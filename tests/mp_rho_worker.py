@@ -1,15 +1,13 @@
 """Worker for test_trainer_multiprocess's ratio-metric test: each rank trains 2 steps of 2 micro-batches, logged as one
 window, records every row's ratios as the loss used them, and writes them with its log history."""
 
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trainer_utils import perturb_quarantine, trainer  # noqa: E402
+from trainer_utils import finish_worker, perturb_quarantine, trainer  # noqa: E402
 
 
 def main(out: Path) -> None:
@@ -41,11 +39,7 @@ def main(out: Path) -> None:
     t.train()
     rank = t.accelerator.process_index
     record = {"rows": rows, "log_history": t.state.log_history, "global_step": t.state.global_step}
-    (out / f"rho_rank{rank}.json").write_text(json.dumps(record))
-    torch.distributed.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as mp_trainer_worker: gloo workers were seen to hang at interpreter exit under pytest
+    finish_worker(out / f"rho_rank{rank}.json", record)
 
 
 if __name__ == "__main__":

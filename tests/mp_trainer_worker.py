@@ -1,14 +1,10 @@
 """Worker for test_trainer_multiprocess: each rank trains two steps and writes its gate thresholds."""
 
-import json
-import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from trainer_utils import trainer  # noqa: E402
+from trainer_utils import finish_worker, trainer  # noqa: E402
 
 
 def main(out: Path) -> None:
@@ -25,13 +21,7 @@ def main(out: Path) -> None:
     t.train()
     rank = t.accelerator.process_index
     record = {"steps": seen, "world": t.accelerator.num_processes, "global_step": t.state.global_step}
-    (out / f"rank{rank}.json").write_text(json.dumps(record))
-    torch.distributed.barrier()
-    # Leave without interpreter shutdown: under pytest the gloo workers were seen to hang at exit, after this point,
-    # on some runs (cause not found). What this test checks is all written above.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish_worker(out / f"rank{rank}.json", record)
 
 
 if __name__ == "__main__":

@@ -68,3 +68,18 @@ def snapshot(adapter, block: str) -> torch.Tensor:
 
 
 __all__ = ["DEPLOYED", "QUARANTINE", "TOKENIZER", "config", "dataset", "perturb_quarantine", "reward_len", "snapshot"]
+
+
+def finish_worker(path, record: dict) -> None:
+    """End of a multi-process test worker: write this rank's `record` as JSON, wait for every rank, and leave without
+    interpreter shutdown (under pytest the gloo workers were seen to hang at exit, after this point, on some runs;
+    cause not found). What the test checks is all written before."""
+    import json
+    import os
+    import sys
+
+    path.write_text(json.dumps(record))
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -165,10 +165,6 @@ def _run_record(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def render(summaries: Sequence[dict[str, Any]], title: str = "Arm comparison", preamble: str = "") -> str:
-    return render_with_data(summaries, title, preamble)[0]
-
-
 def render_with_data(
     summaries: Sequence[dict[str, Any]], title: str = "Arm comparison", preamble: str = ""
 ) -> tuple[str, dict[str, Any]]:
