@@ -22,11 +22,13 @@ TRL switches every adapter and re-enables gradients on exit):
   finite whatever the quarantine's weights hold; `reset_quarantine()` does the reset on the weights themselves;
 - the base model (`base_model_only()`): both blocks' outputs replaced by zeros, the reference policy of the KL term
   (no adapter switching);
-- capture of the deployed bottleneck `A_dep x`, mean-pooled over a token mask: `[batch, n_modules, r]`,
-  optionally cutting the forward short once every target module has been captured (activations only), or
-  streamed to a sink (`stream_capture`) that pools it while `generate` samples (routed_grpo.behaviour);
+- capture of the sensor's reading (routed_grpo.sensor; by default the deployed bottleneck `A_dep x`), mean-pooled
+  over a token mask: `[batch, n_sites, width]`, optionally cutting the forward short once every site has been
+  captured (activations only), or streamed to a sink (`stream_capture`) that pools it while `generate` samples
+  (routed_grpo.behaviour). `use_sensor` chooses the sensor; `sensor_names` and `sensor_width` give the row shape;
 - a seeded, name-keyed initialisation of every `A`, so the same model, rank, targets and `init_seed` give the
-  same adapter in every process and every run (`v_act` depends on the initial `A_dep`);
+  same adapter in every process and every run (`v_act` depends on the initial `A_dep`); `initial_A` recomputes
+  that initial value (the frozen initial copy the `bottleneck_init` sensor reads and drift is measured against);
 - a fingerprint of "same adapter geometry on the same base model" (seed, rank, targets, module shapes, sampled
   base weights), independent of the dtype and device the weights are loaded in, compared part by part.
 
@@ -51,6 +53,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
 from routed_grpo import unscaled_lora
+from routed_grpo.sensor import Sensor, SensorError, parse_sensor
 from routed_grpo.utils import atomic_path
 
 DEPLOYED = "deployed"
@@ -132,6 +135,14 @@ class _ZeroGradRows(torch.autograd.Function):
         return torch.where(rows, 0.0, grad), None
 
 
+def _output(args, out: torch.Tensor) -> torch.Tensor:
+    return out  # the hooked module's output (the live bottleneck A_dep x)
+
+
+def _hidden(args, out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out  # a decoder layer's hidden state (older transformers: a tuple)
+
+
 def _module_seed(init_seed: int, block: str, name: str) -> int:
     return zlib.crc32(f"{init_seed}:{block}:{name}".encode())
 
@@ -164,16 +175,22 @@ class RoutedAdapter:
         self._blocks_off = 0  # depth of nested base-model contexts (both blocks off)
         self._token_mask: torch.Tensor | None = None  # (B, T) while capturing
         self._captured: dict[str, torch.Tensor] = {}
-        self._stop = False  # capture(stop=True): end the forward once every module is captured
-        self._sink = None  # callable(name, (B, L, r) output) while streaming
+        self._stop = False  # capture(stop=True): end the forward once every sensor site is captured
+        self._sink = None  # callable(name, (B, L, width) reading) while streaming
+        self._initial: dict[str, dict[str, torch.Tensor]] = {}  # block -> name -> initial A (float32, CPU)
+        self._initial_on: dict[str, torch.Tensor] = {}  # initial A_dep on the device/dtype it is read in
         self._handles = []
-        for name, layer in self.layers.items():
+        for layer in self.layers.values():
             self._handles.append(layer.lora_A[QUARANTINE].register_forward_hook(self._quarantine_bottleneck_hook))
             self._handles.append(layer.lora_B[QUARANTINE].register_forward_hook(self._quarantine_hook))
             self._handles.append(layer.lora_B[DEPLOYED].register_forward_hook(self._deployed_hook))
-            self._handles.append(layer.lora_A[DEPLOYED].register_forward_hook(self._capture_hook(name)))
             for block in (DEPLOYED, QUARANTINE):  # PEFT's forward less its multiply by a scaling of 1.0 (same bits)
                 unscaled_lora.install(layer, block)
+        self.sensor = Sensor()
+        self.sensor_names: list[str] = []  # one pooled row per name, in this order
+        self.sensor_width = self.rank
+        self._sensor_handles: list = []
+        self.use_sensor(self.sensor)
         peft_model.routed_adapter = self  # one handle per model: hooks are registered once
 
     @classmethod
@@ -195,12 +212,34 @@ class RoutedAdapter:
     @torch.no_grad()
     def reinitialise(self, block: str) -> None:
         """Set `block` to its seeded initial value: `A` uniform(+-1/sqrt(d_in)) from a name-keyed seed, `B = 0`."""
+        initial = self.initial_A(block)
         for name, layer in self.layers.items():
-            a = layer.lora_A[block].weight
-            gen = torch.Generator().manual_seed(_module_seed(self.init_seed, block, name))
-            bound = 1.0 / math.sqrt(a.shape[1])
-            a.copy_((torch.rand(a.shape, generator=gen) * 2 - 1).mul_(bound).to(a.dtype))
+            layer.lora_A[block].weight.copy_(initial[name])  # cast to the weight's dtype and device
             layer.lora_B[block].weight.zero_()
+
+    def initial_A(self, block: str) -> dict[str, torch.Tensor]:
+        """`{module name: A}` of `block` at its seeded initial value (float32, CPU), recomputed from the seed and
+        cached: the frozen initial copy, whatever the block's weights hold now."""
+        if block not in self._initial:
+            out = {}
+            for name, layer in self.layers.items():
+                shape = layer.lora_A[block].weight.shape
+                gen = torch.Generator().manual_seed(_module_seed(self.init_seed, block, name))
+                out[name] = (torch.rand(shape, generator=gen) * 2 - 1).mul_(1.0 / math.sqrt(shape[1]))
+            self._initial[block] = out
+        return self._initial[block]
+
+    @torch.no_grad()
+    def deployed_drift(self) -> torch.Tensor:
+        """How far `A_dep` has moved from its initial value, (2,) float32: the mean over modules and rows of the
+        cosine between each current and initial row, and the mean over modules of `|A - A0| / |A0|` (Frobenius)."""
+        initial, cos, rel = self.initial_A(DEPLOYED), [], []
+        for name, layer in self.layers.items():
+            a = layer.lora_A[DEPLOYED].weight.detach().float()
+            a0 = initial[name].to(a.device)  # (r, d_in) float32; a no-op on CPU
+            cos.append(torch.nn.functional.cosine_similarity(a, a0, dim=1).mean())
+            rel.append((a - a0).norm() / a0.norm())
+        return torch.stack([torch.stack(cos).mean(), torch.stack(rel).mean()]).cpu()
 
     def reset_quarantine(self) -> None:
         """Deployment ablation on the weights: the quarantine block returns to its initial value (net delta 0)."""
@@ -355,10 +394,11 @@ class RoutedAdapter:
     # ---- activation capture -------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def capture(self, token_mask: torch.Tensor, stop: bool = False) -> Iterator[None]:
-        """Record the deployed bottleneck `A_dep x` of ONE forward, pooled over `token_mask` (B, T).
+        """Record the sensor's reading (by default the deployed bottleneck `A_dep x`) of ONE forward, pooled over
+        `token_mask` (B, T).
 
-        With `stop=True` the forward is cut short as soon as every target module has been captured: the layers
-        after the last one the adapter touches, and the LM head, never run (the forward returns nothing; use it
+        With `stop=True` the forward is cut short as soon as every sensor site has been captured: the layers
+        after the last one the sensor reads, and the LM head, never run (the forward returns nothing; use it
         for activations only, under `no_grad`). What is captured is the same either way.
         """
         self._token_mask, self._captured, self._stop = token_mask, {}, stop
@@ -371,7 +411,8 @@ class RoutedAdapter:
 
     @contextlib.contextmanager
     def stream_capture(self, sink) -> Iterator[None]:
-        """Call `sink(module_name, h)` with the deployed bottleneck `h = A_dep x` (B, L, r) of every forward."""
+        """Call `sink(site_name, h)` with the sensor's reading `h` (B, L, width) of every forward (by default the
+        deployed bottleneck `A_dep x`)."""
         self._sink = sink
         try:
             yield
@@ -379,25 +420,66 @@ class RoutedAdapter:
             self._sink = None
 
     def pooled(self) -> torch.Tensor:
-        """The captured activations, `[batch, n_modules, r]` in `module_names` order (float32)."""
-        missing = [n for n in self.module_names if n not in self._captured]
+        """The captured activations, `[batch, n_sites, width]` in `sensor_names` order (float32)."""
+        missing = [n for n in self.sensor_names if n not in self._captured]
         if missing:
-            raise RuntimeError(f"no activations captured for {len(missing)} modules, e.g. {missing[0]}")
-        return torch.stack([self._captured[n] for n in self.module_names], dim=1)
+            raise RuntimeError(f"no activations captured for {len(missing)} sensor sites, e.g. {missing[0]}")
+        return torch.stack([self._captured[n] for n in self.sensor_names], dim=1)
 
-    def _capture_hook(self, name: str):
-        def hook(module, args, out: torch.Tensor) -> None:
-            if self._sink is not None:
-                self._sink(name, out)
+    def use_sensor(self, sensor: Sensor | str | None) -> None:
+        """Read `sensor` (routed_grpo.sensor) from now on: its capture hooks replace the previous sensor's."""
+        sensor = parse_sensor(sensor)
+        sites = self._sensor_sites(sensor)  # checked before anything is replaced
+        for handle in self._sensor_handles:
+            handle.remove()
+        hooks = [module.register_forward_hook(self._capture_hook(name, read)) for name, module, read in sites]
+        self._sensor_handles = hooks
+        self.sensor, self.sensor_names = sensor, [name for name, _, _ in sites]
+        self.sensor_width = self.rank if sensor.reads_adapter else self.model.config.get_text_config().hidden_size
+
+    def _decoder_layers(self) -> list[torch.nn.Module]:
+        inner = self.model.get_base_model()
+        layers = getattr(inner.get_decoder() if hasattr(inner, "get_decoder") else None, "layers", None)
+        if layers is None:
+            raise SensorError(f"the residual sensor needs a decoder with `.layers`; {type(inner).__name__} has none")
+        return list(layers)
+
+    def _sensor_sites(self, sensor: Sensor) -> list[tuple[str, torch.nn.Module, Any]]:
+        """(row name, hooked module, read(args, out) -> (B, T, width)) per pooled row of `sensor`."""
+        if sensor.kind == "bottleneck":
+            return [(n, layer.lora_A[DEPLOYED], _output) for n, layer in self.layers.items()]
+        if sensor.kind == "bottleneck_init":
+            return [(n, layer.lora_A[DEPLOYED], self._initial_reader(n)) for n, layer in self.layers.items()]
+        layers = self._decoder_layers()
+        bad = [i for i in sensor.layers if i >= len(layers)]
+        if bad:
+            raise SensorError(f"sensor={sensor.spec!r}: layer {bad[0]} does not exist (the decoder has {len(layers)})")
+        return [(sensor.site_name(i), layers[i], _hidden) for i in sensor.layers]
+
+    def _initial_reader(self, name: str):
+        def read(args, out: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            a0 = self._initial_on.get(name)
+            if a0 is None or a0.device != x.device or a0.dtype != x.dtype:
+                a0 = self._initial_on[name] = self.initial_A(DEPLOYED)[name].to(x.device, x.dtype)
+            return torch.nn.functional.linear(x, a0)  # (B, T, r): the frozen initial projection A_dep0 x
+
+        return read
+
+    def _capture_hook(self, name: str, read):
+        def hook(module, args, out) -> None:
+            if self._sink is None and self._token_mask is None:
                 return
-            if self._token_mask is None:
+            h = read(args, out)
+            if self._sink is not None:
+                self._sink(name, h)
                 return
             if name in self._captured:
                 raise RuntimeError(f"capture() expects one forward, but {name} ran twice")
-            mask = self._token_mask.to(out.device, torch.float32).unsqueeze(-1)  # (B, T, 1)
-            h = out.detach().float()  # (B, T, r)
-            self._captured[name] = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, r)
-            if self._stop and len(self._captured) == len(self.layers):
+            mask = self._token_mask.to(h.device, torch.float32).unsqueeze(-1)  # (B, T, 1)
+            h = h.detach().float()  # (B, T, width)
+            self._captured[name] = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, width)
+            if self._stop and len(self._captured) == len(self.sensor_names):
                 raise _CaptureComplete
 
         return hook

@@ -1,7 +1,8 @@
 """Behaviour log-probs and the gate's pooled activations of one generation batch, without a second full forward.
 
 What it covers (DESIGN.md section 3, step 3, and invariant I4):
-- `SamplingPassPool`: reads both WHILE transformers' `generate` samples: the deployed bottleneck `h = A_dep x`
+- `SamplingPassPool`: reads both WHILE transformers' `generate` samples: the sensor's reading (routed_grpo.sensor;
+  by default the deployed bottleneck `h = A_dep x`)
   pooled over each rollout's completion tokens (for the gate), and each sampled token's log-probability under the
   sampling policy, `log_softmax(logits / T)` in float32 of the logits the causal LM returns (after any final
   logit softcapping or scaling the architecture applies, as TRL's log-probs), 0 after a row's EOS (the behaviour
@@ -56,7 +57,8 @@ def completion_pool_mask(completion_ids: Tensor, completion_mask: Tensor, pad_id
 
 
 class SamplingPassPool:
-    """Mean of `A_dep x` over each row's completion tokens and the sampled tokens' log-probs, from one `generate`.
+    """Mean of the sensor's reading (`A_dep x` by default) over each row's completion tokens and the sampled tokens'
+    log-probs, from one `generate`.
 
     A forward pre-hook on the causal LM sees every decode step's input: step 0 is the prompt (not pooled), step k
     feeds completion token k - 1. A token is pooled while its row has not yet emitted an EOS before it, which is
@@ -158,7 +160,7 @@ class SamplingPassPool:
         if not self.order and len(set(names)) == len(names):
             self.order = names  # fixed once; later steps must repeat it exactly
         if names != self.order:
-            self.problem = "the decode steps did not each call every adapter module once, in the same order"
+            self.problem = "the decode steps did not each call every sensor site once, in the same order"
             return
         h = torch.cat(outs, dim=1).detach().float()  # (B, M, r)
         if h.dim() != 3 or h.shape[1] != len(names):
@@ -210,19 +212,19 @@ class SamplingPassPool:
         return torch.nn.functional.pad(steps, (0, width - steps.size(1)))
 
     def pooled(self, completion_mask: Tensor) -> Tensor:
-        """(B, M, r) float32 in `adapter.module_names` order, pooled as `completion_pool_mask` says."""
+        """(B, M, width) float32 in `adapter.sensor_names` order, pooled as `completion_pool_mask` says."""
         if self.problem is not None:
             raise RuntimeError(f"the sampling pass cannot be pooled: {self.problem}")
-        names = self.adapter.module_names
+        names = self.adapter.sensor_names
         missing = [n for n in names if n not in self.order]
         if missing or self.sums is None:
-            raise RuntimeError(f"no activations streamed for {len(missing)} modules, e.g. {(missing or names)[0]}")
+            raise RuntimeError(f"no activations streamed for {len(missing)} sites, e.g. {(missing or names)[0]}")
         empty = (completion_mask.sum(1) == 0).to(self.counts.device)  # (B,)
         counts = self.counts.gather(0, empty.long().view(1, -1)).squeeze(0).clamp_min(1.0)  # (B,)
         rows = torch.arange(empty.numel(), device=empty.device)
         sums = self.sums[empty.long(), rows]  # (B, M, r): all completion tokens, or their non-pad tokens
         index = torch.tensor([self.order.index(n) for n in names], device=sums.device)
-        return sums.index_select(1, index) / counts.view(-1, 1, 1)  # (B, M, r) in module_names order
+        return sums.index_select(1, index) / counts.view(-1, 1, 1)  # (B, M, r) in sensor_names order
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from routed_grpo.adapter import DEFAULT_TARGETS
+from routed_grpo.sensor import DEFAULT_SENSOR, parse_sensor
 
 ROUTING_CHOICES = ("vact", "placebo", "none", "diagnostic")
 
@@ -88,6 +89,11 @@ class RoutedGRPOConfig(GRPOConfig):
             Names of the target Linear modules; defaults to all attention and MLP projections.
         adapter_init_seed (`int`, *optional*, defaults to `0`):
             Seed of the blocks' initial `A` matrices; `v_act` files record it and must match.
+        sensor (`str`, *optional*, defaults to `"bottleneck"`):
+            What the gate pools per rollout (`routed_grpo.sensor`, DESIGN.md section 10): `bottleneck` (the live
+            deployed bottleneck `A_dep x`), `bottleneck_init` (the frozen initial projection `A_dep0 x`, the basis
+            `v_act` was fit in) or `residual:L[+L2...]` (the decoder's hidden state after layer L, 0-based). `v_act`
+            files record their sensor and are refused with another one.
         vact_sampling_mode (`str`, *optional*, defaults to `"full"`):
             Sampling mode of the forward that extracts `v_act` from the pairs.
     """
@@ -122,6 +128,9 @@ class RoutedGRPOConfig(GRPOConfig):
         default_factory=lambda: list(DEFAULT_TARGETS), metadata={"help": "Target Linear module names."}
     )
     adapter_init_seed: int = field(default=0, metadata={"help": "Seed of the blocks' initial A matrices."})
+    sensor: str = field(
+        default=DEFAULT_SENSOR, metadata={"help": "What the gate pools: bottleneck, bottleneck_init, residual:L."}
+    )
     vact_sampling_mode: str = field(default="full", metadata={"help": "Sampling mode for v_act extraction."})
 
     # Changed defaults (Dr.GRPO, deterministic behaviour policy).
@@ -147,6 +156,7 @@ class RoutedGRPOConfig(GRPOConfig):
             )
         if self.adapter_rank < 1:
             raise ValueError(f"adapter_rank must be >= 1, got adapter_rank={self.adapter_rank}")
+        self.sensor = parse_sensor(self.sensor).spec  # raises naming the field and value; normalises "residual:2+1"
         if self.vact_sampling_mode not in ("deploy", "full"):
             raise ValueError(f"vact_sampling_mode must be 'deploy' or 'full', got {self.vact_sampling_mode!r}")
         if self.routing == "vact" and not (self.vact_path or self.vact_pairs_path):

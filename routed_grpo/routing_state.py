@@ -27,6 +27,7 @@ from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_rout
 from routed_grpo.config import RoutedGRPOConfig
 from routed_grpo.loss import zero_grad_flags
 from routed_grpo.pairs import load_pairs
+from routed_grpo.sensor import parse_sensor
 from routed_grpo.vact import extract_vact, haar_placebo, load_vact
 
 FALLBACK_BUFFER = 8192  # rollouts, when the run's length is not known at start (max_steps=-1)
@@ -50,15 +51,15 @@ def run_rollouts(args: RoutedGRPOConfig, max_steps: int) -> int | None:
 def buffer_capacity(args: RoutedGRPOConfig, adapter: RoutedAdapter) -> int:
     """`act_buffer_size`, or every rollout of the run; logs its memory, warns once when it passes the bound."""
     capacity = args.act_buffer_size or run_rollouts(args, args.max_steps) or FALLBACK_BUFFER
-    row = len(adapter.module_names) * adapter.rank * 4  # float32 bytes per rollout
+    row = len(adapter.sensor_names) * adapter.sensor_width * 4  # float32 bytes per rollout
     gib = capacity * row / 1024**3
     log.info("routing: activation buffer of %d rollouts, %.3f GiB on each process's device", capacity, gib)
     if capacity * row > BUFFER_MEMORY_BOUND:
         log.warning(
-            "routing: the activation buffer (%d rollouts x %d modules x rank %d, float32) takes %.2f GiB on each "
-            "process's device, above %.0f GiB; set act_buffer_size lower to bound it (the buffer becomes a window "
-            "of the latest rollouts, see act_buffer_size)",
-            capacity, len(adapter.module_names), adapter.rank, gib, BUFFER_MEMORY_BOUND / 1024**3,
+            "routing: the activation buffer (%d rollouts x %d sensor sites x width %d, float32) takes %.2f GiB on "
+            "each process's device, above %.0f GiB; set act_buffer_size lower to bound it (the buffer becomes a "
+            "window of the latest rollouts, see act_buffer_size)",
+            capacity, len(adapter.sensor_names), adapter.sensor_width, gib, BUFFER_MEMORY_BOUND / 1024**3,
         )  # fmt: skip
     return capacity
 
@@ -121,7 +122,7 @@ class RoutingState(GRPOTrainer):
             return load_vact(args.vact_path, self.adapter)[0]
         if args.routing == "vact":
             return self._extract_vact()
-        like = torch.zeros(len(self.adapter.module_names), self.adapter.rank)
+        like = torch.zeros(len(self.adapter.sensor_names), self.adapter.sensor_width)
         return haar_placebo(like, args.placebo_seed)
 
     def _maybe_refresh_vact(self) -> None:
@@ -131,8 +132,11 @@ class RoutingState(GRPOTrainer):
         old = self.gate.vact.clone()
         self.gate.set_vact(self._extract_vact())
         self._last_refresh = step
-        cos = torch.nn.functional.cosine_similarity(old, self.gate.vact.to(old.device), dim=-1).mean().item()
+        new = self.gate.vact.to(old.device)
+        cos = torch.nn.functional.cosine_similarity(old, new, dim=-1).mean().item()
         self._metrics["train"]["routing/vact_refresh_cos"].append(cos)
+        start = torch.nn.functional.cosine_similarity(self._vact_start.to(old.device), new, dim=-1).mean().item()
+        self._metrics["train"]["routing/vact_cos_start"].append(start)
 
     def create_optimizer(self, *args, **kwargs):
         """TRL's optimizer plus a step pre-hook: a block parameter whose gradient is exactly zero gets no step at all.
@@ -212,13 +216,17 @@ def routed_adapter(model, args: RoutedGRPOConfig) -> RoutedAdapter:
         model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
     peft_config = getattr(model, "peft_config", None)
     if peft_config is not None:
-        if DEPLOYED in peft_config and QUARANTINE in peft_config:
-            model.base_model.set_adapter([DEPLOYED, QUARANTINE])  # both active and trainable
-            return RoutedAdapter.of(model, init_seed=args.adapter_init_seed)
-        raise ValueError(f"the model already has PEFT adapters {list(peft_config)}; pass the base model instead")
-    return attach_routed_adapter(
-        model, args.adapter_rank, args.adapter_alpha, args.adapter_targets, args.adapter_init_seed
-    )
+        if DEPLOYED not in peft_config or QUARANTINE not in peft_config:
+            raise ValueError(f"the model already has PEFT adapters {list(peft_config)}; pass the base model instead")
+        model.base_model.set_adapter([DEPLOYED, QUARANTINE])  # both active and trainable
+        adapter = RoutedAdapter.of(model, init_seed=args.adapter_init_seed)
+    else:
+        adapter = attach_routed_adapter(
+            model, args.adapter_rank, args.adapter_alpha, args.adapter_targets, args.adapter_init_seed
+        )
+    if adapter.sensor.spec != parse_sensor(args.sensor).spec:
+        adapter.use_sensor(args.sensor)
+    return adapter
 
 
 @contextlib.contextmanager

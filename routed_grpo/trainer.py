@@ -121,9 +121,10 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
                 self.accelerator,
                 self.accelerator.device,
                 warmup_rollouts=args.gate_warmup_rollouts,
-                module_names=list(self.adapter.module_names),
+                module_names=list(self.adapter.sensor_names),
                 step_fn=lambda: self.state.global_step,
             )
+            self._vact_start = self.gate.vact.clone()  # for routing/vact_cos_start after a refresh
             if self.use_vllm:
                 self._vllm_modes = PerModeGeneration(self.vllm_generation, self.adapter)
 
@@ -216,6 +217,7 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
                 "otherwise (its condition changed?): they would not be in each row's sampling mode"
             )
         self._updated_since_generation = False
+        self._log_sensor_drift()
         full = self._sampling_full.to(self.accelerator.device)
         old, acts = self._observed_behaviour(output)
         if acts is None:  # no sampling pass to read: one teacher-forced forward in sampling modes gives both
@@ -272,6 +274,13 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
     def _decide_zones(self, acts: torch.Tensor, output: dict[str, Any]):
         """Zones and masks of this process's rollouts: the label-free gate on pooled activations (N, M, r)."""
         return self.gate.step(acts)
+
+    def _log_sensor_drift(self) -> None:
+        """`sensor/A_dep_cos_init` and `sensor/A_dep_rel_change`: how far the deployed bottleneck's basis (where
+        `v_act` was fit) has moved; the `bottleneck` sensor reads in the moved basis, `bottleneck_init` does not."""
+        cos, rel = self.adapter.deployed_drift().tolist()
+        self._metrics["train"]["sensor/A_dep_cos_init"].append(cos)
+        self._metrics["train"]["sensor/A_dep_rel_change"].append(rel)
 
     def _log_gate(self, decision, full, seconds: dict[str, float]) -> None:
         metrics = self._metrics["train"]

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from routed_grpo.activations import pooled_completion_activations, pooled_pair_activations  # noqa: F401 (re-export)
+from routed_grpo.sensor import parse_sensor
 from routed_grpo.utils import atomic_path
 
 if TYPE_CHECKING:
@@ -72,9 +73,10 @@ def extract_vact(
     mode: str = "full",
     progress: bool = False,
 ) -> Tensor:
-    """`v_act` (n_modules, r): per module, the unit mean of `h_hack - h_clean` over the pairs (I5)."""
+    """`v_act` (n_sites, width) at the adapter's sensor (by default (n_modules, r) at the deployed bottleneck): per
+    site, the unit mean of `h_hack - h_clean` over the pairs (I5)."""
     h_hack, h_clean = pooled_pair_activations(adapter, tokenizer, pairs, batch_size, mode, progress)
-    return unit_mean_difference(h_hack, h_clean, adapter.module_names)
+    return unit_mean_difference(h_hack, h_clean, adapter.sensor_names)
 
 
 ADAPTER_FIELDS = (
@@ -83,20 +85,25 @@ ADAPTER_FIELDS = (
     "adapter_targets",
     "init_seed",
     "module_names",
+    "sensor",
+    "sensor_width",
     "adapter_fingerprint",
     "adapter_fingerprint_parts",
 )
 
 
 def adapter_metadata(adapter: RoutedAdapter) -> dict[str, Any]:
-    """The adapter fields (ADAPTER_FIELDS) a `v_act` or activations file records and `check_vact_matches` checks."""
+    """The adapter fields (ADAPTER_FIELDS) a `v_act` or activations file records and `check_vact_matches` checks.
+    `module_names` names the rows: the sensor's sites (the target modules for the bottleneck sensors)."""
     config = adapter.model.peft_config.get("deployed")
     return {
         "adapter_rank": adapter.rank,
         "adapter_alpha": getattr(config, "lora_alpha", None),
         "adapter_targets": list(getattr(adapter, "targets", [])),
         "init_seed": getattr(adapter, "init_seed", None),
-        "module_names": list(adapter.module_names),
+        "module_names": list(adapter.sensor_names),
+        "sensor": adapter.sensor.spec,
+        "sensor_width": adapter.sensor_width,
         "adapter_fingerprint": adapter.fingerprint(),
         "adapter_fingerprint_parts": adapter.fingerprint_parts(),
     }
@@ -155,11 +162,20 @@ def check_vact_matches(
 ) -> None:
     """Raise VactError naming the first module whose name or shape differs, or the fingerprint parts that differ.
 
-    `adapter` is a RoutedAdapter or the metadata of another file made with one (a pair-activations cache)."""
+    `adapter` is a RoutedAdapter or the metadata of another file made with one (a pair-activations cache). The
+    sensor is compared first; a file without one was made at the `bottleneck` sensor."""
     if isinstance(adapter, dict):
-        expected, rank = list(adapter.get("module_names") or []), adapter.get("adapter_rank")
+        expected = list(adapter.get("module_names") or [])
+        rank = adapter.get("sensor_width", adapter.get("adapter_rank"))
+        sensor = parse_sensor(adapter.get("sensor"))
     else:
-        expected, rank = list(adapter.module_names), adapter.rank
+        expected, rank, sensor = list(adapter.sensor_names), adapter.sensor_width, adapter.sensor
+    stored = parse_sensor(metadata.get("sensor"))
+    if stored != sensor:
+        raise VactError(
+            f"{source} does not match {against} in its sensor: it was made at sensor {stored.spec!r}, {against} "
+            f"reads sensor {sensor.spec!r} (set `sensor` to match, or re-extract at this sensor)"
+        )
     names = list(metadata.get("module_names") or [])
     for i in range(max(len(names), len(expected))):
         have = names[i] if i < len(names) else "<none>"
@@ -174,12 +190,13 @@ def check_vact_matches(
         module = expected[0] if expected else "<none>"
         raise VactError(
             f"{source} does not match {against} at module {module!r}: v_act row shape {tuple(vact.shape[1:])} "
-            f"(whole v_act {tuple(vact.shape)}), {against}'s deployed bottleneck shape ({rank},) "
+            f"(whole v_act {tuple(vact.shape)}), {against}'s sensor row shape ({rank},) "
             f"(needs {(len(expected), rank)})"
         )
-    check_fingerprint(metadata, adapter, source, against)
+    check_fingerprint(metadata, adapter, source, against, parts=None if sensor.reads_adapter else RESIDUAL_PARTS)
 
 
+RESIDUAL_PARTS = ("base_weights",)  # a residual-stream direction depends on the base model only
 _PART_WORDS = {
     "seed": "init seed",
     "rank": "rank",
@@ -202,7 +219,11 @@ def describe_mismatch(stored: dict[str, Any], current: dict[str, Any], differ: S
 
 
 def check_fingerprint(
-    metadata: dict[str, Any], adapter: RoutedAdapter | dict[str, Any], source: str, against: str = "the adapter"
+    metadata: dict[str, Any],
+    adapter: RoutedAdapter | dict[str, Any],
+    source: str,
+    against: str = "the adapter",
+    parts: Sequence[str] | None = None,
 ) -> None:
     """Raise VactError naming each fingerprint part (seed, rank, targets, module shapes, base weights) in which
     the file's adapter differs from `adapter` (a RoutedAdapter or another file's metadata). The dtype and device
@@ -228,7 +249,7 @@ def check_fingerprint(
         )
     from routed_grpo.adapter import fingerprint_mismatch
 
-    differ = fingerprint_mismatch(stored, current)
+    differ = [p for p in fingerprint_mismatch(stored, current) if parts is None or p in parts]
     if differ:
         raise VactError(
             f"{source} was made for another adapter or base model than {against}: "

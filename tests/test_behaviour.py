@@ -48,10 +48,17 @@ def _logps_fn(model):
     return fn
 
 
-def test_sampling_pass_pool_equals_a_teacher_forced_forward():
+@pytest.mark.parametrize("sensor", ["bottleneck", "bottleneck_init", "residual:0+1"])
+def test_sampling_pass_pool_equals_a_teacher_forced_forward(sensor):
+    """For every sensor: what the sampling pass pools equals what a teacher-forced forward in sampling modes pools
+    (the fallback forward and TRL's own old-log-prob forward are both `sampling_mode_forward`)."""
     torch.manual_seed(0)
     adapter = attach_routed_adapter(_model(), rank=4)
     perturb_quarantine(adapter)  # deploy and full rows differ
+    with torch.no_grad():  # the live deployed bottleneck moves away from its initial value
+        for layer in adapter.layers.values():
+            layer.lora_A[DEPLOYED].weight.add_(0.05 * torch.randn_like(layer.lora_A[DEPLOYED].weight))
+    adapter.use_sensor(sensor)
     g = torch.Generator().manual_seed(1)
     lengths = [3, 7, 5, 2, 6, 4, 7, 3]
     prompts = [torch.randint(3, 300, (n,), generator=g) for n in lengths]
@@ -84,7 +91,8 @@ def test_sampling_pass_pool_equals_a_teacher_forced_forward():
     logps, expected = sampling_mode_forward(
         _logps_fn(adapter.model), adapter, adapter.model, ids, mask, t_c, full, 8, pool_mask=tokens
     )
-    assert acts.shape == (8, len(adapter.module_names), 4)
+    assert acts.shape == (8, len(adapter.sensor_names), adapter.sensor_width)
+    assert acts.shape[1:] == ((2, 32) if sensor.startswith("residual") else (len(adapter.module_names), 4))
     torch.testing.assert_close(acts, expected, rtol=1e-4, atol=1e-5)  # the stated tolerance (float32)
     sampled = pool.logps(t_c)  # the sampled tokens' log-probs, read from the sampler's logits
     torch.testing.assert_close(sampled[completion_mask.bool()], logps[completion_mask.bool()], rtol=1e-5, atol=1e-5)
@@ -103,7 +111,6 @@ def test_sampling_pass_pool_equals_a_teacher_forced_forward():
     assert (acts[~full] - wrong[~full]).abs().max() > 1e-3
 
 
-
 def test_a_module_called_twice_in_a_decode_step_makes_the_pool_unusable_not_wrong():
     """The pool folds each decode step's bottlenecks in call order; a step that calls an adapter module twice (a
     shared layer) would pool it twice, so the pool reports a problem and the trainer falls back."""
@@ -119,6 +126,7 @@ def test_a_module_called_twice_in_a_decode_step_makes_the_pool_unusable_not_wron
     assert pool.problem is not None and "once" in pool.problem
     with pytest.raises(RuntimeError, match="cannot be pooled"):
         pool.pooled(torch.ones(2, 3))
+
 
 def _spy(t, name, records):
     original = getattr(t, name)

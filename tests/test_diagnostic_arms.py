@@ -22,6 +22,7 @@ from routed_grpo.lab.diagnostic import (
     save_oracle_direction,
 )
 from routed_grpo.lab.experiment import ExperimentArguments
+from routed_grpo.sensor import Sensor
 from routed_grpo.trainer import RoutedGRPOTrainer
 from routed_grpo.vact import VactError, load_vact
 
@@ -133,10 +134,11 @@ def test_oracle_direction_separates_the_labelled_rollouts(tmp_path, monkeypatch)
         return out + hack[:, None, None] * planted
 
     monkeypatch.setattr(diagnostic, "pooled_completion_activations", acts)
-    adapter = type("A", (), {"module_names": ["a", "b", "c"]})()
+    adapter = type("A", (), {"sensor_names": ["a", "b", "c"], "sensor": Sensor()})()
     direction, info = fit_oracle_direction(adapter, None, rows, seed=0)
     assert torch.nn.functional.cosine_similarity(direction, planted, dim=-1).min() > 0.95
     assert info["n_fit"] == 40 and info["n_positive"] == 20 and info["steps"] == [0, 1, 2, 3, 4, 5]
+    assert info["sensor"] == "bottleneck"
     path = save_oracle_direction(tmp_path / diagnostic.ORACLE_FILE, direction, info)
     with pytest.raises(VactError, match="no 'vact' tensor"):
         load_vact(path)  # never usable as a vact_path

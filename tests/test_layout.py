@@ -19,6 +19,7 @@ CORE = [
     "loss",
     "pairs",
     "routing_state",
+    "sensor",
     "trainer",
     "vact",
     "utils",

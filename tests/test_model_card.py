@@ -67,6 +67,9 @@ def test_routed_card_names_sensor_scorer_and_intervention():
     text = card_section(config, None, "run")
     assert "Haar-random placebo direction (placebo_seed 7)" in text and "route_tail_q 0.1" in text
     assert "the deployed block only, as a stock PEFT LoRA" in text and "DIAGNOSTIC" not in text
+    assert "`bottleneck`: the deployed block's live bottleneck" in text  # no sensor recorded: the default
+    residual = {**config, "training": {**config["training"], "sensor": "residual:2"}}
+    assert "`residual:2`: the decoder's hidden state after layer(s) 2" in card_section(residual, None, "run")
 
 
 def _labels(correct: bool, hack: bool) -> Labels:

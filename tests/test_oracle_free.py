@@ -21,6 +21,7 @@ TRAINING_MODULES = [
     "loss",
     "pairs",
     "routing_state",
+    "sensor",
     "trainer",
     "vact",
     "vllm_sync",

@@ -24,6 +24,9 @@ def test_arm_specs_and_variants():
         "vact_pairs_exclude_tags": ["mode:hardcode", "mode:exit_code"]
     }
     assert parse_arm_spec("routed@route_tail_q=0.2").overrides == {"route_tail_q": 0.2}
+    # a sensor rung: "+" separates layers inside the value (a "," would start the next key)
+    assert parse_arm_spec("routed@sensor=residual:1+2").overrides == {"sensor": "residual:1+2"}
+    assert parse_arm_spec("oracle_direction@sensor=bottleneck_init").overrides == {"sensor": "bottleneck_init"}
     with pytest.raises(ValueError, match="unknown arm 'rooted'"):
         parse_arm_spec("rooted")
     with pytest.raises(ValueError, match="not key=value"):

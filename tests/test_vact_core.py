@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from routed_grpo.sensor import parse_sensor
 from routed_grpo.vact import VactError, auroc, haar_placebo, load_vact, save_vact, unit_mean_difference
 
 
@@ -86,10 +87,11 @@ def test_load_rejects_non_vact_file(tmp_path):
 
 
 class _StubAdapter:
-    """Names, rank and fingerprints only; `fp` plays the old (<= 0.1) fingerprint the test file records."""
+    """Names, rank, sensor and fingerprints only; `fp` plays the old (<= 0.1) fingerprint the test file records."""
 
-    def __init__(self, names, rank, fingerprint="fp0"):
+    def __init__(self, names, rank, fingerprint="fp0", sensor="bottleneck"):
         self.module_names, self.rank, self._fp = names, rank, fingerprint
+        self.sensor_names, self.sensor_width, self.sensor = names, rank, parse_sensor(sensor)
 
     def fingerprint(self):
         return f"v2-{self._fp}"
@@ -117,6 +119,9 @@ def test_load_against_mismatched_adapter_names_module_and_shapes(tmp_path):
         load_vact(path, _StubAdapter([*names, "layers.0.o_proj"], 4))
     with pytest.raises(VactError, match="old-format adapter fingerprint fp0.*dtype.*Re-extract"):
         load_vact(path, _StubAdapter(names, 4, fingerprint="fp1"))
+    # a file without a sensor was made at the bottleneck: refused, with the part named, by any other sensor
+    with pytest.raises(VactError, match=r"sensor 'bottleneck'.*reads sensor 'bottleneck_init'"):
+        load_vact(path, _StubAdapter(names, 4, sensor="bottleneck_init"))
 
 
 def test_auroc_hand_values():

@@ -87,10 +87,17 @@ def device_name(name: str) -> str:
 
 
 def load_adapter(
-    model: str, rank: int, alpha: float | None, targets: list[str], init_seed: int, device: str, dtype: str
+    model: str,
+    rank: int,
+    alpha: float | None,
+    targets: list[str],
+    init_seed: int,
+    device: str,
+    dtype: str,
+    sensor: str | None = None,
 ) -> tuple[Any, Any, str]:
-    """(adapter, tokenizer, dtype name) for a local model directory or a hub id; `dtype="auto"` keeps the
-    checkpoint's own stored dtype."""
+    """(adapter, tokenizer, dtype name) for a local model directory or a hub id, reading `sensor` (None: the
+    default, `bottleneck`); `dtype="auto"` keeps the checkpoint's own stored dtype."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -109,6 +116,10 @@ def load_adapter(
         adapter = attach_routed_adapter(lm, rank=rank, alpha=alpha, targets=targets, init_seed=init_seed)
     except ValueError as e:
         fail(f"cannot attach the adapter (rank {rank}, targets {targets}): {e}")
+    try:
+        adapter.use_sensor(sensor)
+    except ValueError as e:
+        fail(f"--sensor {sensor!r}: {e}")
     return adapter, tokenizer, loaded
 
 

@@ -32,6 +32,7 @@ from routed_grpo.cli.common import (
     split,
     targets_list,
 )
+from routed_grpo.sensor import parse_sensor
 
 app = typer.Typer(no_args_is_help=True)
 app.command("generalise")(generalise_cmd.generalise)
@@ -44,6 +45,9 @@ EXCLUDE_OPT = typer.Option(None, "--exclude-tags", help="Drop pairs with any of 
 MODE_HELP = "Sampling mode of the forward passes: full or deploy (with --acts: the cache's)."
 BATCH_OPT = typer.Option(8, "--batch-size", min=1, help="Pairs per forward (their 2x completions run together).")
 DTYPE_HELP = "auto (the checkpoint's stored dtype), float32, bfloat16 or float16."
+SENSOR_OPT = typer.Option(
+    "bottleneck", "--sensor", help="What is pooled: bottleneck, bottleneck_init or residual:L[+L2] (0-based layers)."
+)
 
 
 def _compute(
@@ -81,7 +85,7 @@ def _compute(
 
 
 def _up_to_date(out: Path, ids: list[str], digest: str, mode: str, dtype: str, adapter: Any) -> bool:
-    """True if `out` is a cache of exactly these pairs (ids and hash), mode and dtype, made with `adapter`'s
+    """True if `out` is a cache of exactly these pairs (ids and hash), mode, dtype and sensor, made with `adapter`'s
     fingerprint parts (whatever the dtype), so it can be reused without a forward pass."""
     from routed_grpo.activations import ActivationsError, load_pair_activations
     from routed_grpo.adapter import fingerprint_mismatch
@@ -99,6 +103,7 @@ def _up_to_date(out: Path, ids: list[str], digest: str, mode: str, dtype: str, a
         mode,
         dtype,
     )
+    same = same and parse_sensor(meta.get("sensor")) == adapter.sensor
     return same and not fingerprint_mismatch(meta.get("adapter_fingerprint_parts") or {}, adapter.fingerprint_parts())
 
 
@@ -169,6 +174,7 @@ def activations(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     force: bool = typer.Option(False, "--force", help="Recompute even if --out is an up-to-date cache."),
+    sensor: str = SENSOR_OPT,
 ) -> None:
     """Cache the pairs' pooled hack and clean activations once, for `extract`, `score` and `generalise --acts`."""
     from routed_grpo.activations import save_pair_activations
@@ -177,11 +183,12 @@ def activations(
     tag_list, exclude_list = split(tags), split(exclude_tags)
     loaded = load_pairs(pairs, tag_list, exclude_list)
     adapter, tokenizer, loaded_dtype = load_adapter(
-        model, rank, alpha, targets_list(targets), init_seed, device, dtype
+        model, rank, alpha, targets_list(targets), init_seed, device, dtype, sensor
     )
     if not force and _up_to_date(out, [p.id for p in loaded], pairs_hash(pairs), mode, loaded_dtype, adapter):
         typer.echo(
-            f"up to date: {out} ({len(loaded)} pairs, {mode} mode, {loaded_dtype}); no forward pass run "
+            f"up to date: {out} ({len(loaded)} pairs, {mode} mode, {loaded_dtype}, sensor {adapter.sensor.spec}); "
+            "no forward pass run "
             "(--force recomputes)"
         )
         return
@@ -189,7 +196,7 @@ def activations(
     save_pair_activations(out, cache)
     typer.echo(
         f"wrote {out}: activations {tuple(cache.hack.shape)} x 2 (hack, clean) of {len(cache.pair_ids)} "
-        f"pairs ({mode} mode, {loaded_dtype})"
+        f"pairs ({mode} mode, {loaded_dtype}, sensor {adapter.sensor.spec})"
     )
 
 
@@ -209,8 +216,9 @@ def extract(
     batch_size: int = BATCH_OPT,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    sensor: str = typer.Option("bottleneck", "--sensor", help="With --model: " + SENSOR_OPT.help),
 ) -> None:
-    """Extract v_act = per-module unit(mean(h_hack - h_clean)) with forward passes only (or from a cache)."""
+    """Extract v_act = per-site unit(mean(h_hack - h_clean)) with forward passes only (or from a cache)."""
     from routed_grpo.vact import ADAPTER_FIELDS, save_vact, unit_mean_difference
 
     _one_source(model, acts)
@@ -220,7 +228,7 @@ def extract(
     else:
         loaded = load_pairs(pairs, tag_list, exclude_list)
         adapter, tokenizer, loaded_dtype = load_adapter(
-            model, rank, alpha, targets_list(targets), init_seed, device, dtype
+            model, rank, alpha, targets_list(targets), init_seed, device, dtype, sensor
         )
         cache = _compute(
             model,
@@ -323,6 +331,7 @@ def score(
             int(meta.get("init_seed") or 0),
             device,
             dtype,
+            meta.get("sensor"),
         )
         try:
             check_vact_matches(direction, meta, adapter, source=source)

@@ -122,7 +122,7 @@ class LabelRoutedGRPOTrainer(RoutedGRPOTrainer):
         self._batch_inputs = None
 
     def _initial_vact(self) -> torch.Tensor:
-        return torch.zeros(len(self.adapter.module_names), self.adapter.rank)  # unused: no gate decides here
+        return torch.zeros(len(self.adapter.sensor_names), self.adapter.sensor_width)  # unused: no gate decides here
 
     def _generate_and_score_completions(self, inputs):
         self._batch_inputs = inputs
@@ -160,10 +160,11 @@ class OracleDirectionGRPOTrainer(RoutedGRPOTrainer):
         super().__init__(*args, **kw)
 
     def _initial_vact(self) -> torch.Tensor:
-        if tuple(self._oracle.shape) != (len(self.adapter.module_names), self.adapter.rank):
+        need = (len(self.adapter.sensor_names), self.adapter.sensor_width)
+        if tuple(self._oracle.shape) != need:
             raise ValueError(
-                f"oracle direction has shape {tuple(self._oracle.shape)}; the adapter needs "
-                f"{(len(self.adapter.module_names), self.adapter.rank)}"
+                f"oracle direction has shape {tuple(self._oracle.shape)}; the sensor "
+                f"{self.adapter.sensor.spec} needs {need}"
             )
         return self._oracle
 
@@ -199,7 +200,8 @@ def balanced_sample(labels: torch.Tensor, generator: torch.Generator) -> torch.T
 def fit_oracle_direction(
     adapter, tokenizer, rollouts: list[dict], label: str = "hack_strict", seed: int = 0, mode: str = "full"
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Per module unit(mean h[pos] - mean h[neg]) over a label-balanced sample of `rollouts` in sampling `mode`."""
+    """Per sensor site unit(mean h[pos] - mean h[neg]) over a label-balanced sample of `rollouts` in sampling `mode`,
+    at the adapter's sensor."""
     rows = [r for r in rollouts if r.get("mode", "full") == mode]
     if not rows or label not in rows[0].get("labels", {}):
         raise ValueError(f"no {mode}-mode rollouts with the label {label!r}")
@@ -210,7 +212,7 @@ def fit_oracle_direction(
     )  # (2n, M, r)
     pos = torch.tensor([bool(y[i]) for i in idx])
     diff = acts[pos].mean(0, keepdim=True) - acts[~pos].mean(0, keepdim=True)  # (1, M, r)
-    direction = unit_mean_difference(diff, torch.zeros_like(diff), adapter.module_names)
+    direction = unit_mean_difference(diff, torch.zeros_like(diff), adapter.sensor_names)
     steps = sorted({int(rows[i].get("step", 0)) for i in idx})
     info = {
         "label": label,
@@ -220,6 +222,7 @@ def fit_oracle_direction(
         "steps": steps,
         "mode": mode,
         "seed": seed,
+        "sensor": adapter.sensor.spec,
     }
     return direction, info
 
@@ -258,6 +261,7 @@ def build_diagnostic_trainer(script, training, model, tokenizer, train_dataset, 
     adapter = attach_routed_adapter(
         model, training.adapter_rank, training.adapter_alpha, training.adapter_targets, training.adapter_init_seed
     )
+    adapter.use_sensor(training.sensor)  # the direction is fit at the sensor the gate will read
     direction, info = fit_oracle_direction(
         adapter, tokenizer, read_rollouts(script.oracle_rollouts), script.oracle_label, seed=training.seed
     )

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from routed_grpo.sensor import parse_sensor
 from routed_grpo.utils import atomic_write_text
 
 BEGIN, END = "<!-- routed-grpo:card:begin -->", "<!-- routed-grpo:card:end -->"
@@ -67,11 +68,16 @@ def _ladder(config: dict[str, Any]) -> list[str]:
         if arm == "labels"
         else f"the gate's symmetric quantile tails over its activation buffer (route_tail_q {t.get('route_tail_q')})"
     )
+    spec = parse_sensor(t.get("sensor"))
     sensor = (
         "none: the label monitor reads each rollout's ground-truth labels"
         if arm == "labels"
-        else "the deployed block's bottleneck activations `A_dep x` at every target module, mean-pooled over "
-        "completion tokens"
+        else {
+            "bottleneck": "`bottleneck`: the deployed block's live bottleneck `A_dep x` at every target module",
+            "bottleneck_init": "`bottleneck_init`: the frozen initial projection `A_dep0 x` at every target module",
+            "residual": f"`{spec.spec}`: the decoder's hidden state after layer(s) {', '.join(map(str, spec.layers))}",
+        }[spec.kind]
+        + ", mean-pooled over completion tokens"
     )
     return [
         f"- **Sensor**: {sensor}.",
