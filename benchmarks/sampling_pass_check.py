@@ -43,14 +43,18 @@ def main() -> None:
         for p in t.adapter.parameters("quarantine"):
             p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * 0.02)
     seen = {}
-    original = t._decide_zones
+    flag, observed = t.scorer.flag, t._observed_behaviour
 
-    def spy(acts, output):
+    def spy_flag(trainer, acts, rollouts):
         seen["buffer"] = t.gate.state_dict()
-        seen["acts"], seen["output"] = acts.clone(), output
-        return original(acts, output)
+        seen["acts"] = acts.clone()
+        return flag(trainer, acts, rollouts)
 
-    t._decide_zones = spy
+    def spy_observed(output):
+        seen["output"] = output  # the batch the scorer flags, before TRL shuffles it
+        return observed(output)
+
+    t.scorer.flag, t._observed_behaviour = spy_flag, spy_observed
     t.model.train()
     t._prepare_inputs(next(iter(t.get_train_dataloader())))
     out = seen["output"]

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from routed_grpo.adapter import DEFAULT_TARGETS
+from routed_grpo.ladder import INTERVENTIONS, SCORERS
 from routed_grpo.sensor import DEFAULT_SENSOR, parse_sensor
 
 ROUTING_CHOICES = ("vact", "placebo", "none", "diagnostic")
@@ -89,6 +90,12 @@ class RoutedGRPOConfig(GRPOConfig):
             Names of the target Linear modules; defaults to all attention and MLP projections.
         adapter_init_seed (`int`, *optional*, defaults to `0`):
             Seed of the blocks' initial `A` matrices; `v_act` files record it and must match.
+        scorer (`str`, *optional*):
+            How a rollout becomes a score and a flag (DESIGN.md section 10): `vact` or `placebo`, the same choice as
+            `routing` under its ladder name; when set it replaces `routing` (and must agree with a `routing` other
+            than the default). `diagnostic` is reserved for the lab's DIAGNOSTIC scorers, handed to the trainer.
+        intervention (`str`, *optional*, defaults to `"route"`):
+            What a flagged rollout does: `route` (the zones and masks of DESIGN.md section 3, the method).
         sensor (`str`, *optional*, defaults to `"bottleneck"`):
             What the gate pools per rollout (`routed_grpo.sensor`, DESIGN.md section 10): `bottleneck` (the live
             deployed bottleneck `A_dep x`), `bottleneck_init` (the frozen initial projection `A_dep0 x`, the basis
@@ -128,6 +135,8 @@ class RoutedGRPOConfig(GRPOConfig):
         default_factory=lambda: list(DEFAULT_TARGETS), metadata={"help": "Target Linear module names."}
     )
     adapter_init_seed: int = field(default=0, metadata={"help": "Seed of the blocks' initial A matrices."})
+    scorer: str | None = field(default=None, metadata={"help": "vact or placebo (replaces routing when set)."})
+    intervention: str = field(default="route", metadata={"help": "What a flagged rollout does: route."})
     sensor: str = field(
         default=DEFAULT_SENSOR, metadata={"help": "What the gate pools: bottleneck, bottleneck_init, residual:L."}
     )
@@ -142,6 +151,15 @@ class RoutedGRPOConfig(GRPOConfig):
         super().__post_init__()
         if self.routing not in ROUTING_CHOICES:
             raise ValueError(f"routing must be one of {ROUTING_CHOICES}, got routing={self.routing!r}")
+        if self.scorer is not None:
+            if self.scorer not in (*SCORERS, "diagnostic"):
+                raise ValueError(f"scorer must be one of {(*SCORERS, 'diagnostic')}, got scorer={self.scorer!r}")
+            if self.routing not in ("vact", self.scorer):
+                raise ValueError(f"scorer={self.scorer!r} and routing={self.routing!r} disagree; set one of them")
+            self.routing = self.scorer
+        self.scorer = None if self.routing == "none" else self.routing
+        if self.intervention not in INTERVENTIONS:
+            raise ValueError(f"intervention must be one of {INTERVENTIONS}, got intervention={self.intervention!r}")
         if not 0.0 <= self.gen_deploy_frac <= 1.0:
             raise ValueError(f"gen_deploy_frac must be in [0, 1], got gen_deploy_frac={self.gen_deploy_frac}")
         if not 0.0 < self.route_tail_q < 0.5:

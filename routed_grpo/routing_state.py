@@ -117,13 +117,23 @@ class RoutingState(GRPOTrainer):
         return vact.cpu()
 
     def _initial_vact(self) -> torch.Tensor:
+        """The gate's direction: the scorer's own (checked against the sensor's row shape), else the config's."""
         args = self.args
+        need = (len(self.adapter.sensor_names), self.adapter.sensor_width)
+        if self.scorer.direction is not None:
+            if tuple(self.scorer.direction.shape) != need:
+                raise ValueError(
+                    f"the scorer's direction has shape {tuple(self.scorer.direction.shape)}; the sensor "
+                    f"{self.adapter.sensor.spec} needs {need}"
+                )
+            return self.scorer.direction
+        if args.routing == "diagnostic":
+            return torch.zeros(need)  # a DIAGNOSTIC scorer without a direction (labels): the gate is not read
         if args.routing == "vact" and args.vact_path:
             return load_vact(args.vact_path, self.adapter)[0]
         if args.routing == "vact":
             return self._extract_vact()
-        like = torch.zeros(len(self.adapter.sensor_names), self.adapter.sensor_width)
-        return haar_placebo(like, args.placebo_seed)
+        return haar_placebo(torch.zeros(need), args.placebo_seed)
 
     def _maybe_refresh_vact(self) -> None:
         step, every = self.state.global_step, self.args.vact_refresh_steps

@@ -15,6 +15,7 @@ from routed_grpo.adapter import DEPLOYED, QUARANTINE
 from routed_grpo.behaviour import BaseModelReference, SamplingPassPool, completion_pool_mask, sampling_mode_forward
 from routed_grpo.config import RoutedGRPOConfig
 from routed_grpo.gate import ROUTE, Gate
+from routed_grpo.ladder import DirectionScorer, Scorer, intervention
 from routed_grpo.loss import (
     block_grad_norms,
     cap_mismatched_ratio,
@@ -68,9 +69,10 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
     - Rejected with routing on: tools / environment_factory / rollout_func, vision-language models, FSDP and every
       DeepSpeed stage (untested, and DeepSpeed neither fills `param.grad` nor steps the hooked optimizer).
     - `mismatch_ratio_cap` truncates `rho` on rows whose training mode differs from their sampling mode.
-    The zones come from `_decide_zones(acts, output)`, which calls the gate and nothing else. Only the DIAGNOSTIC
-    upper-bound trainers of `routed_grpo.lab.diagnostic` override it (`routing="diagnostic"`, which this class
-    refuses), so the method's arms (`vact`, `placebo`) have no path to labels.
+    The zones come from the scorer (`routed_grpo.ladder`): by default `DirectionScorer`, the gate over `v_act` or
+    the placebo and nothing else; the masks from the intervention (`route`). The lab's DIAGNOSTIC scorers (label
+    monitor, oracle direction) are objects handed in as `scorer=` and accepted only with `routing="diagnostic"`,
+    which in turn needs one, so the method's arms (`vact`, `placebo`) have no path to labels.
     Inherited unchanged: data loading, reward computation, advantages, the clipped surrogate, the KL term and their
     aggregation, evaluation. With `routing="none"` the trainer is stock GRPO with the adapter.
     An optional `measure_fn(prompts, completions, **columns) -> {"hack_strict": [...]}` is called after the gate
@@ -78,16 +80,28 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
     """
 
     _tag_names = ["trl", "grpo", "routed-grpo"]
-    _diagnostic = False  # True only in routed_grpo.lab.diagnostic's label-reading subclasses
 
-    def __init__(self, model, reward_funcs, args: RoutedGRPOConfig, *pos, measure_fn: MeasureFn | None = None, **kw):
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        args: RoutedGRPOConfig,
+        *pos,
+        measure_fn: MeasureFn | None = None,
+        scorer: Scorer | None = None,
+        **kw,
+    ):
         if not isinstance(args, RoutedGRPOConfig):
             raise TypeError(f"args must be a RoutedGRPOConfig, got {type(args).__name__}")
-        if args.routing == "diagnostic" and not self._diagnostic:
+        diagnostic = scorer is not None and scorer.diagnostic
+        if (args.routing == "diagnostic") != diagnostic:
             raise ValueError(
-                "routing='diagnostic' is reserved for the DIAGNOSTIC trainers of routed_grpo.lab.diagnostic; "
-                "RoutedGRPOTrainer routes by 'vact' or 'placebo'"
+                "routing='diagnostic' is reserved for the DIAGNOSTIC scorers of routed_grpo.lab.diagnostic, handed "
+                "in as scorer=, and such a scorer needs it; the method routes by 'vact' or 'placebo' "
+                f"(routing={args.routing!r}, scorer {type(scorer).__name__ if scorer else None})"
             )
+        if scorer is not None and args.routing == "none":
+            raise ValueError("a scorer was handed in with routing='none' (nothing is scored)")
         if kw.get("peft_config") is not None:
             raise ValueError("peft_config is not accepted: RoutedGRPOTrainer attaches its own two-block adapter")
         self.adapter = routed_adapter(model, args)
@@ -113,7 +127,9 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
         self._buffer_span_checked = False  # once, at the first gated batch (max_steps is known by then)
         self.gate = None
         self._vllm_modes = None
-        if args.routing != "none":
+        self.scorer = None if args.routing == "none" else scorer or DirectionScorer()
+        self.intervention = intervention(args.intervention)
+        if self.scorer is not None:
             self.gate = Gate(
                 self._initial_vact(),
                 args.route_tail_q,
@@ -224,12 +240,13 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
             old, acts = self._sampling_mode_forward(output, full)
         old = old.masked_fill(output["completion_mask"] == 0, 0.0)  # pad positions: 0, as the loss forward's
         t2 = time.perf_counter()
-        decision = self._decide_zones(acts, output)
+        decision = self.scorer.flag(self, acts, lambda: self._rollouts(inputs, output))
         t3 = time.perf_counter()
         mismatched = mismatched_rows(decision.zones, full)
         output["old_per_token_logps"] = old  # the behaviour policy: rho = exp(logp - logp_old)
         output["routing_logp_from_loss"] = ~mismatched
-        output["routing_m"], output["routing_d"] = decision.m.to(full.device), decision.d.to(full.device)
+        m, d = self.intervention.masks(decision.zones)
+        output["routing_m"], output["routing_d"] = m.to(full.device), d.to(full.device)
         output["routing_zone"], output["sampling_full"] = decision.zones.to(full.device), full.float()
         self._log_gate(decision, full, {"generate_and_score": t1 - t0, "behaviour_forward": t2 - t1, "gate": t3 - t2})
         if self.measure_fn is not None:
@@ -270,10 +287,6 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
         chunk, checkpointing = self.args.per_device_train_batch_size, self.args.gradient_checkpointing_kwargs
         batch = (input_ids, attention_mask, logits_to_keep, full, chunk, pool_mask)
         return sampling_mode_forward(logps_fn, self.adapter, self.model, *batch, checkpointing)
-
-    def _decide_zones(self, acts: torch.Tensor, output: dict[str, Any]):
-        """Zones and masks of this process's rollouts: the label-free gate on pooled activations (N, M, r)."""
-        return self.gate.step(acts)
 
     def _log_sensor_drift(self) -> None:
         """`sensor/A_dep_cos_init` and `sensor/A_dep_rel_change`: how far the deployed bottleneck's basis (where

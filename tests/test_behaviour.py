@@ -156,9 +156,9 @@ def test_zones_from_the_sampling_pass_equal_those_of_the_teacher_forced_forward(
         if not sampling_pass:
             t._new_sampling_pool = lambda: None
         records = []
-        _spy(t, "_decide_zones", records)
+        _spy(t.scorer, "flag", records)
         _first_batch(t)
-        (batch_acts, _), _, decision = records[0]
+        (_, batch_acts, _), _, decision = records[0]
         decisions.append(decision)
         acts.append(batch_acts)
     torch.testing.assert_close(acts[0], acts[1], rtol=1e-4, atol=1e-5)

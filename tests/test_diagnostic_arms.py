@@ -13,8 +13,8 @@ from trainer_utils import TOKENIZER, config, dataset, reward_len, trainer
 from routed_grpo.gate import ABSORB, KEEP, ROUTE
 from routed_grpo.lab import diagnostic
 from routed_grpo.lab.diagnostic import (
-    LabelRoutedGRPOTrainer,
-    OracleDirectionGRPOTrainer,
+    LabelScorer,
+    OracleDirectionScorer,
     balanced_sample,
     fit_oracle_direction,
     noisy_monitor,
@@ -37,25 +37,25 @@ def _parity_labels(prompts, completions, **columns):
 def _label_trainer(tmp_path, **kw):
     kw.setdefault("label_fn", _parity_labels)
     args = config(tmp_path, routing="diagnostic", max_steps=1, learning_rate=0.0)
-    return LabelRoutedGRPOTrainer(
+    return RoutedGRPOTrainer(
         model=make_model(len(TOKENIZER)),
         reward_funcs=reward_len,
         args=args,
         train_dataset=dataset(),
         processing_class=TOKENIZER,
-        **kw,
+        scorer=LabelScorer(**kw),
     )
 
 
 def _spy_zones(t):
-    seen, original = [], t._decide_zones
+    seen, original = [], t.scorer.flag
 
-    def spy(acts, output):
-        decision = original(acts, output)
-        seen.append((decision, list(t._batch_inputs)))
+    def spy(trainer, acts, rollouts):
+        decision = original(trainer, acts, rollouts)
+        seen.append((decision, rollouts()[1]))
         return decision
 
-    t._decide_zones = spy
+    t.scorer.flag = spy
     return seen
 
 
@@ -100,18 +100,24 @@ def test_label_arms_refuse_to_start_without_an_explicit_source(tmp_path):
     with pytest.raises(ValueError, match="cannot import"):
         resolve_label_fn("no_such_module:fn", None)
     with pytest.raises(ValueError, match="explicit label_fn"):
-        _label_trainer(tmp_path, label_fn=None)
+        LabelScorer(None)
 
 
-def test_the_method_trainer_refuses_diagnostic_routing(tmp_path):
-    with pytest.raises(ValueError, match="reserved for the DIAGNOSTIC trainers"):
-        RoutedGRPOTrainer(
+def test_diagnostic_routing_and_a_diagnostic_scorer_need_each_other(tmp_path):
+    def build(routing, scorer):
+        return RoutedGRPOTrainer(
             model=make_model(len(TOKENIZER)),
             reward_funcs=reward_len,
-            args=config(tmp_path, routing="diagnostic"),
+            args=config(tmp_path, routing=routing),
             train_dataset=dataset(),
             processing_class=TOKENIZER,
+            scorer=scorer,
         )
+
+    with pytest.raises(ValueError, match="reserved for the DIAGNOSTIC scorers"):
+        build("diagnostic", None)  # the method's trainer alone never routes by labels
+    with pytest.raises(ValueError, match="reserved for the DIAGNOSTIC scorers"):
+        build("placebo", LabelScorer(_parity_labels))  # a label scorer never runs under a method's name
 
 
 def test_balanced_sample_takes_every_minority_row():
@@ -146,13 +152,13 @@ def test_oracle_direction_separates_the_labelled_rollouts(tmp_path, monkeypatch)
 
 def test_oracle_trainer_uses_the_given_direction_in_the_gate(tmp_path):
     direction = torch.nn.functional.normalize(torch.randn(14, 4), dim=-1)
-    t = OracleDirectionGRPOTrainer(
+    t = RoutedGRPOTrainer(
         model=make_model(len(TOKENIZER)),
         reward_funcs=reward_len,
         args=config(tmp_path, routing="diagnostic"),
         train_dataset=dataset(),
         processing_class=TOKENIZER,
-        oracle_direction=direction,
+        scorer=OracleDirectionScorer(direction),
     )
     assert tuple(t.gate.vact.shape) == tuple(direction.shape)
     torch.testing.assert_close(t.gate.vact.cpu(), direction)

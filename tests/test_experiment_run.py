@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOTrainer
 
 from routed_grpo.adapter import RoutedAdapter, attach_routed_adapter
-from routed_grpo.lab.diagnostic import ORACLE_FILE, LabelRoutedGRPOTrainer, OracleDirectionGRPOTrainer
+from routed_grpo.lab.diagnostic import ORACLE_FILE, LabelScorer, OracleDirectionScorer
 from routed_grpo.lab.evaluation import evaluate_run
 from routed_grpo.lab.experiment import export_full_as_lora, parse_recipe, run_experiment
 from routed_grpo.lab.report import write_report
+from routed_grpo.ladder import DirectionScorer
 from routed_grpo.trainer import RoutedGRPOTrainer
 from routed_grpo.vact import load_vact
 
@@ -102,8 +103,10 @@ def test_baseline_is_stock_grpo_trainer_and_arms_use_their_trainer(runs):
     assert type(trainers["baseline"]) is GRPOTrainer
     assert type(trainers["routed"]) is RoutedGRPOTrainer and trainers["routed"].args.routing == "vact"
     assert type(trainers["placebo"]) is RoutedGRPOTrainer and trainers["placebo"].args.routing == "placebo"
-    assert type(trainers["labels"]) is LabelRoutedGRPOTrainer
-    assert type(trainers["oracle_direction"]) is OracleDirectionGRPOTrainer
+    assert {type(trainers[a].scorer) for a in ("routed", "placebo")} == {DirectionScorer}
+    assert not trainers["routed"].scorer.diagnostic and trainers["labels"].scorer.diagnostic
+    assert type(trainers["labels"].scorer) is LabelScorer
+    assert type(trainers["oracle_direction"].scorer) is OracleDirectionScorer
     assert {trainers[a].args.routing for a in ("labels", "oracle_direction")} == {"diagnostic"}
 
 

@@ -15,6 +15,7 @@ CORE = [
     "behaviour",
     "config",
     "gate",
+    "ladder",
     "generalise",
     "loss",
     "pairs",

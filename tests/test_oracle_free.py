@@ -18,6 +18,7 @@ TRAINING_MODULES = [
     "behaviour",
     "config",
     "gate",
+    "ladder",
     "loss",
     "pairs",
     "routing_state",

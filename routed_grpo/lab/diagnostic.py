@@ -1,15 +1,17 @@
 """DIAGNOSTIC upper bounds that READ GROUND-TRUTH LABELS. Never the method; never a default (DESIGN.md section 8).
 
-Two arms, each asked for by name in a recipe (`arm: labels`, `arm: oracle_direction`), each a subclass of
-`RoutedGRPOTrainer` with `routing="diagnostic"` (which the base class refuses), so the method's arms (`routed`,
-`placebo`) share none of this code and import none of it (`tests/test_oracle_free.py`, `tests/test_layout.py`):
+Two arms, each asked for by name in a recipe (`arm: labels`, `arm: oracle_direction`), each a scorer object
+(`routed_grpo.ladder.Scorer` with `diagnostic = True`) handed to `RoutedGRPOTrainer` with `routing="diagnostic"`
+(which the trainer accepts only with such a scorer, and such a scorer only with it), so the method's arms
+(`routed`, `placebo`) share none of this code and import none of it (`tests/test_oracle_free.py`,
+`tests/test_layout.py`):
 
-- `LabelRoutedGRPOTrainer` (SGTM-style): each rollout is routed by an explicit label function that the recipe
+- `LabelScorer` (SGTM-style): each rollout is routed by an explicit label function that the recipe
   names (`label_source`, no default). A seeded monitor with `label_recall` (share of true positives it flags)
   and `label_fpr` (share of true negatives it flags) simulates a weaker monitor. Flagged rows go to `route`;
   the others to `label_negative_zone` (`absorb` or `keep`). The gate is not used: `routing/threshold_*` read
   0.5 (the monitor's flag is the score), `routing/buffer_size` 0, and `gate_warmup_rollouts` has no effect.
-- `OracleDirectionGRPOTrainer`: the same gate as `v_act` (buffer quantiles, zones), but its direction is fit on
+- `OracleDirectionScorer`: the same gate as `v_act` (buffer quantiles, zones), but its direction is fit on
   labelled rollouts of a separate, finished run (`oracle_rollouts`: that run's `rollouts.jsonl`, saved across its
   training by the held-out measurement): `unit(mean h[positive] - mean h[negative])` per module over a
   label-balanced sample, with the activations of this run's initial adapter on the base model (as `v_act` is
@@ -32,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from routed_grpo.gate import ABSORB, KEEP, ROUTE, GateDecision, masks_from_zones, zone_fractions
+from routed_grpo.ladder import DirectionScorer, Scorer
 from routed_grpo.trainer import RoutedGRPOTrainer
 from routed_grpo.utils import atomic_path
 from routed_grpo.vact import pooled_completion_activations, unit_mean_difference
@@ -94,79 +97,51 @@ def resolve_label_fn(label_source: str | None, labeler: Callable | None) -> Labe
     return fn
 
 
-class LabelRoutedGRPOTrainer(RoutedGRPOTrainer):
+class LabelScorer(Scorer):
     """DIAGNOSTIC: zones from a (simulated) label monitor instead of the gate. Upper bound, reads labels."""
 
-    _diagnostic = True
+    diagnostic = True
 
-    def __init__(
-        self,
-        *args,
-        label_fn: LabelFn,
-        label_recall=1.0,
-        label_fpr=0.0,
-        label_negative_zone="absorb",
-        label_seed=0,
-        **kw,
-    ):
+    def __init__(self, label_fn: LabelFn, label_recall=1.0, label_fpr=0.0, label_negative_zone="absorb", seed=0):
         if label_fn is None:
-            raise ValueError("LabelRoutedGRPOTrainer needs an explicit label_fn")
+            raise ValueError("the DIAGNOSTIC label scorer needs an explicit label_fn")
         if label_negative_zone not in NEGATIVE_ZONES:
             raise ValueError(
                 f"label_negative_zone must be one of {tuple(NEGATIVE_ZONES)}, got {label_negative_zone!r}"
             )
-        super().__init__(*args, **kw)
         self.label_fn, self.label_recall, self.label_fpr = label_fn, float(label_recall), float(label_fpr)
         self.negative_zone = NEGATIVE_ZONES[label_negative_zone]
-        self._monitor_rng = torch.Generator().manual_seed(label_seed + self.accelerator.process_index)
-        self._batch_inputs = None
+        self.seed = seed
+        self._monitor_rng: torch.Generator | None = None  # seeded per process at the first batch
 
-    def _initial_vact(self) -> torch.Tensor:
-        return torch.zeros(len(self.adapter.sensor_names), self.adapter.sensor_width)  # unused: no gate decides here
-
-    def _generate_and_score_completions(self, inputs):
-        self._batch_inputs = inputs
-        try:
-            return super()._generate_and_score_completions(inputs)
-        finally:
-            self._batch_inputs = None
-
-    def _decide_zones(self, acts: torch.Tensor, output: dict[str, Any]) -> GateDecision:
-        prompts, completions, columns = self._rollouts(self._batch_inputs, output)
+    def flag(self, trainer, acts: torch.Tensor, rollouts) -> GateDecision:
+        if self._monitor_rng is None:
+            self._monitor_rng = torch.Generator().manual_seed(self.seed + trainer.accelerator.process_index)
+        prompts, completions, columns = rollouts()
         truth = torch.tensor(self.label_fn(prompts=prompts, completions=completions, **columns)) > 0.5  # (N,)
         flagged = noisy_monitor(truth, self.label_recall, self.label_fpr, self._monitor_rng)
         zones = torch.where(flagged, ROUTE, self.negative_zone).to(acts.device)
         m, d = masks_from_zones(zones)
-        metrics = self._metrics["train"]
-        all_truth = self.accelerator.gather(truth.to(acts.device))
-        all_flagged = self.accelerator.gather(flagged.to(acts.device))
+        metrics = trainer._metrics["train"]
+        all_truth = trainer.accelerator.gather(truth.to(acts.device))
+        all_flagged = trainer.accelerator.gather(flagged.to(acts.device))
         metrics["diagnostic/label_rate"].append(all_truth.float().mean().item())
         n_true = all_truth.sum().clamp_min(1)
         metrics["diagnostic/monitor_recall"].append(((all_flagged & all_truth).sum() / n_true).item())
-        all_zones = self.accelerator.gather(zones)
+        all_zones = trainer.accelerator.gather(zones)
         # score = the monitor's flag, threshold 0.5; the gate's buffer is not used
         return GateDecision(flagged.float().to(acts.device), zones, m, d, 0.5, 0.5, 0, zone_fractions(all_zones))
 
 
-class OracleDirectionGRPOTrainer(RoutedGRPOTrainer):
+class OracleDirectionScorer(DirectionScorer):
     """DIAGNOSTIC: the label-free gate with a direction fit on labelled rollouts of another run. Upper bound."""
 
-    _diagnostic = True
+    diagnostic = True
 
-    def __init__(self, *args, oracle_direction: torch.Tensor, **kw):
-        if oracle_direction is None:
-            raise ValueError("OracleDirectionGRPOTrainer needs an explicit oracle_direction")
-        self._oracle = oracle_direction
-        super().__init__(*args, **kw)
-
-    def _initial_vact(self) -> torch.Tensor:
-        need = (len(self.adapter.sensor_names), self.adapter.sensor_width)
-        if tuple(self._oracle.shape) != need:
-            raise ValueError(
-                f"oracle direction has shape {tuple(self._oracle.shape)}; the sensor "
-                f"{self.adapter.sensor.spec} needs {need}"
-            )
-        return self._oracle
+    def __init__(self, direction: torch.Tensor):
+        if direction is None:
+            raise ValueError("the DIAGNOSTIC oracle-direction scorer needs an explicit direction")
+        super().__init__(direction)
 
 
 # ---- the oracle direction ------------------------------------------------------------------------------------------
@@ -242,18 +217,15 @@ def build_diagnostic_trainer(script, training, model, tokenizer, train_dataset, 
     common = dict(train_dataset=train_dataset, processing_class=tokenizer)
     if script.arm == "labels":
         labeler = _LastCall(MeasurementLabeler(train_problems, workers=script.sandbox_workers))
-        return LabelRoutedGRPOTrainer(
-            model,
-            reward,
-            training,
-            **common,
-            measure_fn=labeler if measure is not None else None,
-            label_fn=resolve_label_fn(script.label_source, labeler),
-            label_recall=script.label_recall,
-            label_fpr=script.label_fpr,
-            label_negative_zone=script.label_negative_zone,
-            label_seed=script.label_seed,
+        scorer = LabelScorer(
+            resolve_label_fn(script.label_source, labeler),
+            script.label_recall,
+            script.label_fpr,
+            script.label_negative_zone,
+            script.label_seed,
         )
+        measure_fn = labeler if measure is not None else None
+        return RoutedGRPOTrainer(model, reward, training, **common, measure_fn=measure_fn, scorer=scorer)
     if script.arm != "oracle_direction":
         raise ValueError(f"not a DIAGNOSTIC arm: {script.arm!r}")
     from routed_grpo.adapter import attach_routed_adapter
@@ -267,6 +239,5 @@ def build_diagnostic_trainer(script, training, model, tokenizer, train_dataset, 
     )
     info["source"] = str(script.oracle_rollouts)
     save_oracle_direction(Path(training.output_dir) / ORACLE_FILE, direction, info)
-    return OracleDirectionGRPOTrainer(
-        adapter.model, reward, training, **common, measure_fn=measure, oracle_direction=direction
-    )
+    scorer = OracleDirectionScorer(direction)
+    return RoutedGRPOTrainer(adapter.model, reward, training, **common, measure_fn=measure, scorer=scorer)
