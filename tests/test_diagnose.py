@@ -92,3 +92,37 @@ def test_a_single_mode_has_no_leave_one_out():
     hack, clean, _ = _pairs(direction)
     out = diagnose(hack, clean, [["mode:a"]] * len(hack), acts, {"hack_strict": y}, n_null=10)
     assert out["hack_strict"]["loo"] == {}
+
+
+def test_the_command_writes_its_three_files_and_refuses_rollouts_without_labels(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+    from vact_helpers import write_pairs
+
+    from routed_grpo.cli.main import app
+
+    pairs = tmp_path / "pairs.yaml"
+    write_pairs(pairs, n=4)
+    rows = [
+        {"mode": "full", "prompt": [{"role": "user", "content": f"task {i}"}], "completion": f"def f(): return {i}",
+         "labels": {"hack_strict": float(i % 2), "defines_run_tests": float(i % 3 == 0), "correct": float(i % 5 == 0)}}
+        for i in range(30)
+    ]  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "diag"
+    args = ["pairs", "diagnose", "--pairs", str(pairs), "--model", str(tiny_model_dir), "--rollouts", str(run)]
+    args += ["--rank", "4", "--targets", "q_proj,down_proj", "--n-null", "20", "--folds", "3", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "diagnose.json").read_text())
+    assert list(record["sensors"]) == ["bottleneck", "bottleneck_init", "residual:1"]
+    assert set(record["sensors"]["residual:1"]) == {"hack_strict", "defines_run_tests", "correct"}
+    assert (out / "diagnose.md").read_text().startswith("# `pairs diagnose` (DIAGNOSTIC")
+    assert (out / "diagnose.png").stat().st_size > 1000
+    for r in rows:
+        del r["labels"]["correct"]
+    (run / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out2 = tmp_path / "diag2"
+    result = CliRunner().invoke(app, [*args[:-1], str(out2)])
+    assert result.exit_code == 2 and "field 'labels' lacks ['correct']" in result.output and not out2.exists()

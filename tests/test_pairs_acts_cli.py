@@ -196,3 +196,36 @@ def test_hub_ids_resolve_offline_from_the_hub_cache(tmp_path, tiny_model_dir, pa
     result = _run("extract", "--model", "acme/not-cached", "--pairs", pairs_dir, "--out", out, *ADAPTER)
     assert result.exit_code == 2 and not out.exists()
     assert "acme/not-cached" in result.output and "no such model directory" not in result.output
+
+
+def test_the_sensor_travels_from_the_cache_to_the_v_act_and_back_to_score(tmp_path, tiny_model_dir, pairs_dir):
+    acts, vact = tmp_path / "acts.safetensors", tmp_path / "v.safetensors"
+    args = ("activations", "--model", tiny_model_dir, "--pairs", pairs_dir, "--out", acts, *ADAPTER)
+    result = _run(*args, "--sensor", "residual:1")
+    assert result.exit_code == 0 and "sensor residual:1" in result.output, result.output
+    cache = load_pair_activations(acts)
+    assert cache.hack.shape == (6, 1, 32) and cache.metadata["sensor"] == "residual:1"
+    assert "up to date" not in _run(*args).output  # a cache at another sensor is not reused for the bottleneck
+    assert _run(*args, "--sensor", "residual:1").exit_code == 0
+    assert _run("extract", "--acts", acts, "--pairs", pairs_dir, "--out", vact).exit_code == 0
+    v, meta = load_vact(vact)
+    assert v.shape == (1, 32) and meta["sensor"] == "residual:1" and meta["module_names"] == ["layers.1"]
+    # score rebuilds the adapter with the file's sensor and gives what the cache gives
+    from_model = _run("score", "--model", tiny_model_dir, "--pairs", pairs_dir, "--vact", vact, "--device", "cpu")
+    from_cache = _run("score", "--acts", acts, "--pairs", pairs_dir, "--vact", vact)
+    assert from_model.exit_code == from_cache.exit_code == 0, from_model.output + from_cache.output
+    assert _table(from_model.output) == _table(from_cache.output)
+    # a bottleneck cache cannot score a residual v_act: refused naming the sensor, exit 2
+    bottleneck = tmp_path / "b.safetensors"
+    assert (
+        _run("activations", "--model", tiny_model_dir, "--pairs", pairs_dir, "--out", bottleneck, *ADAPTER).exit_code
+        == 0
+    )
+    result = _run("score", "--acts", bottleneck, "--pairs", pairs_dir, "--vact", vact)
+    assert result.exit_code == 2 and "sensor 'residual:1'" in result.output
+    result = _run(*args, "--sensor", "residual:9")
+    assert (
+        result.exit_code == 2
+        and "--sensor 'residual:9'" in result.output
+        and "layer 9 does not exist" in result.output
+    )
