@@ -1,4 +1,4 @@
-"""Pooled deployed-bottleneck activations of (hack, clean) pairs: fast forward-only extraction and a cache file.
+"""Pooled activations of (hack, clean) pairs at the adapter's sensor: fast forward-only extraction and a cache file.
 
 What it covers (the inputs of invariant I5, DESIGN.md section 3 step 3):
 
@@ -7,12 +7,13 @@ What it covers (the inputs of invariant I5, DESIGN.md section 3 step 3):
   and the start its two completions share, then each completion's own tokens, each pass extending one KV cache
   (transformers' `DynamicCache`; `encode_pair`, `pair_order` and `shared_prefix_len` give the token ids, the batch
   order and the shared prefixes it plans with). Both run under `no_grad` in eval mode, call the decoder only (no
-  LM head) and cut the forward short once every target module's bottleneck is captured
-  (`RoutedAdapter.capture(stop=True)`), process batches sorted by length and return rows in the order given, with
-  an optional progress bar. Token ids are those of a GRPO rollout (`encode_rollout`: chat template with the
-  generation prompt, the completion tokenised alone plus EOS); the pooled tokens are the completion's, EOS
-  included. What is captured is the same bottleneck `A_dep x` a full forward gives (the tests compare it with an
-  unbatched full-model forward per sequence).
+  LM head) and cut the forward short once every sensor site is captured (`RoutedAdapter.capture(stop=True)`),
+  process batches sorted by length and return rows in the order given, with an optional progress bar. What is
+  pooled is the adapter's sensor (routed_grpo.sensor; by default the deployed bottleneck `A_dep x`,
+  `(n_modules, r)`; a residual sensor gives `(n_layers, hidden)`). Token ids are those of a GRPO rollout
+  (`encode_rollout`: chat template with the generation prompt, the completion tokenised alone plus EOS); the
+  pooled tokens are the completion's, EOS included. What is captured is what a full forward gives (the tests
+  compare it with an unbatched full-model forward per sequence).
 - `PairActivations` with `save_pair_activations` / `load_pair_activations`: the cache written by
   `routed-grpo pairs activations` (hack and clean pooled activations, pair ids, tags, the adapter metadata with its
   fingerprint parts, the pairs' hash, sampling mode and dtype), so `extract`, `score` and `generalise` need no
@@ -113,7 +114,7 @@ def pooled_completion_activations(
     mode: str = "full",
     progress: bool = False,
 ) -> Tensor:
-    """Pooled deployed bottleneck over each completion's tokens, in `mode`: (N, n_modules, r) float32 on CPU."""
+    """The sensor's reading pooled over each completion's tokens, in `mode`: (N, n_sites, width) float32 on CPU."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rows = [encode_rollout(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]  # (ids, n_prompt)
@@ -217,7 +218,7 @@ def pooled_pair_activations(
     progress: bool = False,
     share_prompt: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """(hack, clean) pooled activations, each (P, n_modules, r) float32, in the pairs' order.
+    """(hack, clean) pooled activations, each (P, n_sites, width) float32, in the pairs' order.
 
     `batch_size` counts pairs: a batch runs its b prompts, then 2b completions. `share_prompt=False` runs every
     prompt + completion whole (for decoders without a transformers KV cache).

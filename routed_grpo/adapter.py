@@ -177,7 +177,8 @@ class RoutedAdapter:
         self._captured: dict[str, torch.Tensor] = {}
         self._stop = False  # capture(stop=True): end the forward once every sensor site is captured
         self._sink = None  # callable(name, (B, L, width) reading) while streaming
-        self._initial: dict[str, dict[str, torch.Tensor]] = {}  # block -> name -> initial A (float32, CPU)
+        self._sink_wanted = None  # callable() -> bool: whether the sink wants this forward
+        self._initial: dict[str, dict[str, torch.Tensor]] = {}  # DEPLOYED -> name -> initial A (float32)
         self._initial_on: dict[str, torch.Tensor] = {}  # initial A_dep on the device/dtype it is read in
         self._handles = []
         for layer in self.layers.values():
@@ -218,16 +219,19 @@ class RoutedAdapter:
             layer.lora_B[block].weight.zero_()
 
     def initial_A(self, block: str) -> dict[str, torch.Tensor]:
-        """`{module name: A}` of `block` at its seeded initial value (float32, CPU), recomputed from the seed and
-        cached: the frozen initial copy, whatever the block's weights hold now."""
-        if block not in self._initial:
-            out = {}
-            for name, layer in self.layers.items():
-                shape = layer.lora_A[block].weight.shape
-                gen = torch.Generator().manual_seed(_module_seed(self.init_seed, block, name))
-                out[name] = (torch.rand(shape, generator=gen) * 2 - 1).mul_(1.0 / math.sqrt(shape[1]))
+        """`{module name: A}` of `block` at its seeded initial value (float32), recomputed from the seed: the frozen
+        initial copy, whatever the block's weights hold now. The deployed block's is cached (the `bottleneck_init`
+        sensor and the drift metric read it every batch); the quarantine's is recomputed at each reset."""
+        if block in self._initial:
+            return self._initial[block]
+        out = {}
+        for name, layer in self.layers.items():
+            shape = layer.lora_A[block].weight.shape
+            gen = torch.Generator().manual_seed(_module_seed(self.init_seed, block, name))
+            out[name] = (torch.rand(shape, generator=gen) * 2 - 1).mul_(1.0 / math.sqrt(shape[1]))
+        if block == DEPLOYED:
             self._initial[block] = out
-        return self._initial[block]
+        return out
 
     @torch.no_grad()
     def deployed_drift(self) -> torch.Tensor:
@@ -236,7 +240,9 @@ class RoutedAdapter:
         initial, cos, rel = self.initial_A(DEPLOYED), [], []
         for name, layer in self.layers.items():
             a = layer.lora_A[DEPLOYED].weight.detach().float()
-            a0 = initial[name].to(a.device)  # (r, d_in) float32; a no-op on CPU
+            a0 = initial[name]  # (r, d_in) float32, on the device once
+            if a0.device != a.device:
+                a0 = initial[name] = a0.to(a.device)
             cos.append(torch.nn.functional.cosine_similarity(a, a0, dim=1).mean())
             rel.append((a - a0).norm() / a0.norm())
         return torch.stack([torch.stack(cos).mean(), torch.stack(rel).mean()]).cpu()
@@ -410,14 +416,15 @@ class RoutedAdapter:
             self._token_mask, self._stop = None, False
 
     @contextlib.contextmanager
-    def stream_capture(self, sink) -> Iterator[None]:
+    def stream_capture(self, sink, wanted=None) -> Iterator[None]:
         """Call `sink(site_name, h)` with the sensor's reading `h` (B, L, width) of every forward (by default the
-        deployed bottleneck `A_dep x`)."""
-        self._sink = sink
+        deployed bottleneck `A_dep x`) for which `wanted()` is true (None: every forward); a reading that costs
+        work (`bottleneck_init`'s projection) is not computed for the others."""
+        self._sink, self._sink_wanted = sink, wanted
         try:
             yield
         finally:
-            self._sink = None
+            self._sink = self._sink_wanted = None
 
     def pooled(self) -> torch.Tensor:
         """The captured activations, `[batch, n_sites, width]` in `sensor_names` order (float32)."""
@@ -441,7 +448,7 @@ class RoutedAdapter:
         inner = self.model.get_base_model()
         layers = getattr(inner.get_decoder() if hasattr(inner, "get_decoder") else None, "layers", None)
         if layers is None:
-            raise SensorError(f"the residual sensor needs a decoder with `.layers`; {type(inner).__name__} has none")
+            raise SensorError(f"sensor=residual:...: needs a decoder with `.layers`; {type(inner).__name__} has none")
         return list(layers)
 
     def _sensor_sites(self, sensor: Sensor) -> list[tuple[str, torch.nn.Module, Any]]:
@@ -450,10 +457,14 @@ class RoutedAdapter:
             return [(n, layer.lora_A[DEPLOYED], _output) for n, layer in self.layers.items()]
         if sensor.kind == "bottleneck_init":
             return [(n, layer.lora_A[DEPLOYED], self._initial_reader(n)) for n, layer in self.layers.items()]
+        if sensor.kind != "residual":
+            raise SensorError(f"sensor={sensor.spec!r}: no sites for this kind")
         layers = self._decoder_layers()
         bad = [i for i in sensor.layers if i >= len(layers)]
         if bad:
-            raise SensorError(f"sensor={sensor.spec!r}: layer {bad[0]} does not exist (the decoder has {len(layers)})")
+            raise SensorError(
+                f"sensor={sensor.spec!r}: layer {bad[0]} does not exist (the decoder has {len(layers)}, 0-based)"
+            )
         return [(sensor.site_name(i), layers[i], _hidden) for i in sensor.layers]
 
     def _initial_reader(self, name: str):
@@ -470,10 +481,11 @@ class RoutedAdapter:
         def hook(module, args, out) -> None:
             if self._sink is None and self._token_mask is None:
                 return
-            h = read(args, out)
             if self._sink is not None:
-                self._sink(name, h)
+                if self._sink_wanted is None or self._sink_wanted():
+                    self._sink(name, read(args, out))
                 return
+            h = read(args, out)
             if name in self._captured:
                 raise RuntimeError(f"capture() expects one forward, but {name} ran twice")
             mask = self._token_mask.to(h.device, torch.float32).unsqueeze(-1)  # (B, T, 1)

@@ -103,7 +103,7 @@ class SamplingPassPool:
             self.lm.register_forward_hook(self._lm_hook),
         ]
         try:
-            with self.adapter.stream_capture(self._add):
+            with self.adapter.stream_capture(self._add, wanted=lambda: self._weights is not None):  # not the prompt
                 yield
         finally:
             for handle in handles:
@@ -164,7 +164,7 @@ class SamplingPassPool:
             return
         h = torch.cat(outs, dim=1).detach().float()  # (B, M, r)
         if h.dim() != 3 or h.shape[1] != len(names):
-            self.problem = f"adapter bottlenecks of a decode step have shape {tuple(outs[0].shape)}, not (B, 1, r)"
+            self.problem = f"sensor readings of a decode step have shape {tuple(outs[0].shape)}, not (B, 1, width)"
             return
         weights = self._weights.unsqueeze(-1)  # (2, B, 1, 1)
         if self.sums is None:

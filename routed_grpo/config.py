@@ -35,8 +35,8 @@ class RoutedGRPOConfig(GRPOConfig):
             Gate direction: `"vact"` (from `vact_path` or extracted from `vact_pairs_path` at start), `"placebo"`
             (a Haar-random direction with the same shapes, seeded by `placebo_seed`), `"none"` (no gate, no
             masks: the trainer behaves as stock `GRPOTrainer` with the two-block adapter), or `"diagnostic"`
-            (reserved for the DIAGNOSTIC upper-bound trainers of `routed_grpo.lab.diagnostic`, which read labels;
-            `RoutedGRPOTrainer` itself refuses it).
+            (reserved for the DIAGNOSTIC scorers of `routed_grpo.lab.diagnostic`, which read labels: the trainer
+            accepts it only with such a scorer handed in as `scorer=`, and such a scorer only with it).
         vact_path (`str`, *optional*):
             A `v_act` file written by `routed-grpo pairs extract`, made for the same model and adapter.
         vact_pairs_path (`str`, *optional*):
@@ -89,11 +89,12 @@ class RoutedGRPOConfig(GRPOConfig):
         adapter_targets (`list[str]`, *optional*):
             Names of the target Linear modules; defaults to all attention and MLP projections.
         adapter_init_seed (`int`, *optional*, defaults to `0`):
-            Seed of the blocks' initial `A` matrices; `v_act` files record it and must match.
+            Seed of the blocks' initial `A` matrices; `v_act` files record it and must match (except a residual
+            sensor's, which does not depend on the adapter).
         scorer (`str`, *optional*):
             How a rollout becomes a score and a flag (DESIGN.md section 10): `vact` or `placebo`, the same choice as
-            `routing` under its ladder name; when set it replaces `routing` (and must agree with a `routing` other
-            than the default). `diagnostic` is reserved for the lab's DIAGNOSTIC scorers, handed to the trainer.
+            `routing` under its ladder name; set one of the two (both set and different is an error; neither:
+            `vact`). `diagnostic` is reserved for the lab's DIAGNOSTIC scorers, handed to the trainer.
         intervention (`str`, *optional*, defaults to `"route"`):
             What a flagged rollout does: `route` (the zones and masks of DESIGN.md section 3, the method).
         sensor (`str`, *optional*, defaults to `"bottleneck"`):
@@ -105,7 +106,9 @@ class RoutedGRPOConfig(GRPOConfig):
             Sampling mode of the forward that extracts `v_act` from the pairs.
     """
 
-    routing: str = field(default="vact", metadata={"help": "Gate direction: 'vact', 'placebo' or 'none'."})
+    routing: str | None = field(
+        default=None, metadata={"help": "Gate direction: 'vact' (default), 'placebo' or 'none'."}
+    )
     vact_path: str | None = field(default=None, metadata={"help": "v_act file from `routed-grpo pairs extract`."})
     vact_pairs_path: str | None = field(
         default=None, metadata={"help": "Pairs to extract v_act from at start and at each refresh."}
@@ -149,14 +152,13 @@ class RoutedGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.scorer is not None and self.scorer not in (*SCORERS, "diagnostic"):
+            raise ValueError(f"scorer must be one of {(*SCORERS, 'diagnostic')}, got scorer={self.scorer!r}")
+        if self.scorer is not None and self.routing is not None and self.scorer != self.routing:
+            raise ValueError(f"scorer={self.scorer!r} and routing={self.routing!r} disagree; set one of them")
+        self.routing = self.routing or self.scorer or "vact"
         if self.routing not in ROUTING_CHOICES:
             raise ValueError(f"routing must be one of {ROUTING_CHOICES}, got routing={self.routing!r}")
-        if self.scorer is not None:
-            if self.scorer not in (*SCORERS, "diagnostic"):
-                raise ValueError(f"scorer must be one of {(*SCORERS, 'diagnostic')}, got scorer={self.scorer!r}")
-            if self.routing not in ("vact", self.scorer):
-                raise ValueError(f"scorer={self.scorer!r} and routing={self.routing!r} disagree; set one of them")
-            self.routing = self.scorer
         self.scorer = None if self.routing == "none" else self.routing
         if self.intervention not in INTERVENTIONS:
             raise ValueError(f"intervention must be one of {INTERVENTIONS}, got intervention={self.intervention!r}")

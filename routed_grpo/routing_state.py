@@ -183,7 +183,8 @@ class RoutingState(GRPOTrainer):
         rank = self.accelerator.process_index
         torch.save(state, os.path.join(folder, f"routing_state_rank{rank}.pt"))
         if self.gate is not None and self.args.should_save:  # identical on every process: one copy
-            torch.save(self.gate.state_dict(), os.path.join(folder, GATE_FILE))
+            state = {**self.gate.state_dict(), "sensor": self.adapter.sensor.spec}  # rows are in its coordinates
+            torch.save(state, os.path.join(folder, GATE_FILE))
         # The parent's PEFT save already wrote `folder/deployed/`: a stock LoRA adapter of the deployed block.
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -212,11 +213,18 @@ class RoutingState(GRPOTrainer):
         if self.gate is not None:
             gate_path = os.path.join(checkpoint, GATE_FILE)
             if os.path.exists(gate_path):
-                self.gate.load_state_dict(torch.load(gate_path, map_location="cpu", weights_only=True))
+                gate_state = torch.load(gate_path, map_location="cpu", weights_only=True)
             elif "gate" in state:  # checkpoints written before the gate state had its own file
-                self.gate.load_state_dict(state["gate"])
+                gate_state = state["gate"]
             else:
                 raise FileNotFoundError(f"{gate_path}: the checkpoint has no gate state")
+            stored = parse_sensor(gate_state.get("sensor"))  # checkpoints before sensors: the bottleneck
+            if stored != self.adapter.sensor:
+                raise ValueError(
+                    f"{gate_path}: the checkpoint's gate buffer and v_act were made at sensor {stored.spec!r}, but "
+                    f"sensor={self.adapter.sensor.spec!r} now; resume with the checkpoint's sensor"
+                )
+            self.gate.load_state_dict(gate_state)
             self.gate.route_tail_q = self.args.route_tail_q  # the config, not the checkpoint, sets the tail mass
 
 

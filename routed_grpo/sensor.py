@@ -37,6 +37,17 @@ class Sensor:
     kind: str = DEFAULT_SENSOR
     layers: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.kind not in SENSOR_KINDS:
+            raise SensorError(f"sensor={self.kind!r}: unknown sensor (known: {', '.join(SENSOR_KINDS)})")
+        layers = tuple(self.layers)
+        if self.kind != "residual" and layers:
+            raise SensorError(f"sensor={self.kind!r}: the {self.kind} sensor takes no layers (got {layers})")
+        if self.kind == "residual" and (not layers or layers != tuple(sorted(set(layers))) or min(layers) < 0):
+            raise SensorError(
+                f"sensor=residual with layers {layers}: needs one or more decoder layers, >= 0, sorted and unique"
+            )
+
     @property
     def spec(self) -> str:
         """The spec string this sensor parses from (`bottleneck`, `residual:1+2`)."""

@@ -101,7 +101,13 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
                 f"(routing={args.routing!r}, scorer {type(scorer).__name__ if scorer else None})"
             )
         if scorer is not None and args.routing == "none":
-            raise ValueError("a scorer was handed in with routing='none' (nothing is scored)")
+            raise ValueError(f"scorer {type(scorer).__name__} was handed in with routing='none' (nothing is scored)")
+        if scorer is not None and scorer.direction is not None and not diagnostic:
+            raise ValueError(
+                f"scorer {type(scorer).__name__} brings its own direction under routing={args.routing!r}, which takes "
+                "its direction from the config (vact_path / vact_pairs_path / placebo_seed); a direction from "
+                "elsewhere is a DIAGNOSTIC scorer's (routing='diagnostic')"
+            )
         if kw.get("peft_config") is not None:
             raise ValueError("peft_config is not accepted: RoutedGRPOTrainer attaches its own two-block adapter")
         self.adapter = routed_adapter(model, args)
@@ -233,7 +239,6 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
                 "otherwise (its condition changed?): they would not be in each row's sampling mode"
             )
         self._updated_since_generation = False
-        self._log_sensor_drift()
         full = self._sampling_full.to(self.accelerator.device)
         old, acts = self._observed_behaviour(output)
         if acts is None:  # no sampling pass to read: one teacher-forced forward in sampling modes gives both
@@ -249,6 +254,7 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
         output["routing_m"], output["routing_d"] = m.to(full.device), d.to(full.device)
         output["routing_zone"], output["sampling_full"] = decision.zones.to(full.device), full.float()
         self._log_gate(decision, full, {"generate_and_score": t1 - t0, "behaviour_forward": t2 - t1, "gate": t3 - t2})
+        self._log_sensor_drift()
         if self.measure_fn is not None:
             t4 = time.perf_counter()
             self._log_measurements(inputs, output, decision)

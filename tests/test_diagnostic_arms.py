@@ -22,6 +22,7 @@ from routed_grpo.lab.diagnostic import (
     save_oracle_direction,
 )
 from routed_grpo.lab.experiment import ExperimentArguments
+from routed_grpo.ladder import DirectionScorer
 from routed_grpo.sensor import Sensor
 from routed_grpo.trainer import RoutedGRPOTrainer
 from routed_grpo.vact import VactError, load_vact
@@ -118,6 +119,10 @@ def test_diagnostic_routing_and_a_diagnostic_scorer_need_each_other(tmp_path):
         build("diagnostic", None)  # the method's trainer alone never routes by labels
     with pytest.raises(ValueError, match="reserved for the DIAGNOSTIC scorers"):
         build("placebo", LabelScorer(_parity_labels))  # a label scorer never runs under a method's name
+    with pytest.raises(ValueError, match="brings its own direction under routing='placebo'"):
+        build("placebo", DirectionScorer(torch.ones(14, 4)))  # nor a direction from elsewhere
+    with pytest.raises(ValueError, match="handed in with routing='none'"):
+        build("none", DirectionScorer())
 
 
 def test_balanced_sample_takes_every_minority_row():

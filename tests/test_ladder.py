@@ -19,6 +19,8 @@ def test_scorer_is_routing_under_its_ladder_name():
     assert _config(scorer="placebo").routing == "placebo"  # set alone, it replaces the default routing
     assert _config(routing="none").scorer is None
     assert _config(scorer="placebo", routing="placebo").routing == "placebo"
+    with pytest.raises(ValueError, match="scorer='placebo' and routing='vact' disagree"):
+        _config(scorer="placebo", routing="vact")  # an explicit routing is never overridden silently
     with pytest.raises(ValueError, match="scorer='placebo' and routing='none' disagree"):
         _config(scorer="placebo", routing="none")
     with pytest.raises(ValueError, match="scorer must be one of"):

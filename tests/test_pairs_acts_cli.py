@@ -24,8 +24,8 @@ def _run(*args):
 
 
 def _table(output: str) -> list[str]:
-    """The score table's lines (progress bars and loading messages dropped)."""
-    lines = re.split(r"[\r\n]", output)
+    """The score table's lines (progress bars, their cursor escapes and loading messages dropped)."""
+    lines = re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", output))
     return [x.strip() for x in lines if x.strip().startswith(("pair  ", "overwrite_tests.", "exit_code.", "AUROC"))]
 
 

@@ -115,8 +115,30 @@ def test_bottleneck_init_is_unchanged_by_optimizer_steps():
     moved = [n for n, layer in adapter.layers.items() if not torch.equal(layer.lora_A[DEPLOYED].weight, copies[n])]
     assert moved, "the optimizer must move A_dep for this test to mean anything"
     assert all(torch.equal(copies[n], a) for n, a in adapter.initial_A(DEPLOYED).items())
+    inputs = {}  # each module's input x, read independently of the sensor's hooks
+    hooks = [
+        layer.lora_A[DEPLOYED].register_forward_hook(lambda m, a, out, n=name: inputs.__setitem__(n, a[0].detach()))
+        for name, layer in adapter.layers.items()
+    ]
     after = _captured(adapter, ids, mask, tokens)
-    assert after.shape == before.shape  # (the inputs x moved with B, so the readings may differ; A_dep0 did not)
+    for h in hooks:
+        h.remove()
+    want = torch.stack([_pool(inputs[n] @ copies[n].T, tokens) for n in adapter.sensor_names], dim=1)
+    torch.testing.assert_close(after, want, rtol=0, atol=1e-6)  # A_dep0 x with the trained model's x
+    assert (after - before).abs().max() > 0  # x itself moved (B trained), so the reading may move; A_dep0 did not
+
+
+def test_bottleneck_init_follows_the_model_to_another_dtype():
+    """The frozen copy is cast to the input's dtype when the model changes dtype (not stuck in the first one)."""
+    adapter = attach_routed_adapter(make_model(len(TOKENIZER)), rank=4)
+    ids, mask, tokens = _batch(3)
+    adapter.use_sensor("bottleneck_init")
+    _captured(adapter, ids, mask, tokens)  # caches the float32 copy
+    adapter.model.to(torch.bfloat16)
+    init = _captured(adapter, ids, mask, tokens)
+    adapter.use_sensor("bottleneck")
+    live = _captured(adapter, ids, mask, tokens)  # at initialisation, A_dep (now bf16) == A_dep0 cast to bf16
+    assert torch.equal(init, live)
 
 
 def _pairs():
@@ -156,6 +178,24 @@ def test_a_layer_the_decoder_lacks_is_refused_and_the_old_sensor_stays():
     with pytest.raises(SensorError, match="layer 5 does not exist"):
         adapter.use_sensor("residual:5")
     assert adapter.sensor == Sensor() and len(adapter.sensor_names) == len(adapter.module_names)
+    with pytest.raises(SensorError, match="sensor='bogus'"):
+        Sensor("bogus")
+    with pytest.raises(SensorError, match="sorted and unique"):
+        Sensor("residual", (2, 0))
+    with pytest.raises(SensorError, match="takes no layers"):
+        Sensor("bottleneck", (1,))
+
+
+def test_resuming_a_checkpoint_at_another_sensor_is_refused(tmp_path):
+    from trainer_utils import trainer
+
+    common = dict(max_steps=2, save_strategy="steps", save_steps=1)
+    first = trainer(tmp_path / "a", **common)
+    first.train()
+    assert torch.load(tmp_path / "a" / "out" / "checkpoint-1" / "routing_gate.pt")["sensor"] == "bottleneck"
+    again = trainer(tmp_path / "b", sensor="bottleneck_init", **common)  # same shapes, another basis
+    with pytest.raises(ValueError, match="made at sensor 'bottleneck', but sensor='bottleneck_init' now"):
+        again.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-1"))
 
 
 @pytest.mark.parametrize("sensor", ["residual:1", "bottleneck_init"])

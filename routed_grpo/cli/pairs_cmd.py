@@ -216,7 +216,9 @@ def extract(
     batch_size: int = BATCH_OPT,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
-    sensor: str = typer.Option("bottleneck", "--sensor", help="With --model: " + SENSOR_OPT.help),
+    sensor: str | None = typer.Option(
+        None, "--sensor", help="With --model: " + SENSOR_OPT.help + " With --acts: must be the cache's, if given."
+    ),
 ) -> None:
     """Extract v_act = per-site unit(mean(h_hack - h_clean)) with forward passes only (or from a cache)."""
     from routed_grpo.vact import ADAPTER_FIELDS, save_vact, unit_mean_difference
@@ -225,6 +227,13 @@ def extract(
     tag_list, exclude_list = split(tags), split(exclude_tags)
     if acts is not None:
         cache = _cached(acts, pairs, tag_list, exclude_list, mode)
+        made_at = parse_sensor(cache.metadata.get("sensor"))
+        try:
+            asked = parse_sensor(sensor, "--sensor") if sensor is not None else made_at
+        except ValueError as e:
+            fail(str(e))
+        if asked != made_at:
+            fail(f"{acts}: field 'sensor' is {made_at.spec!r}, but --sensor {sensor!r} was asked for")
     else:
         loaded = load_pairs(pairs, tag_list, exclude_list)
         adapter, tokenizer, loaded_dtype = load_adapter(

@@ -1,8 +1,10 @@
 """`routed-grpo pairs diagnose` (DIAGNOSTIC, reads labels): the command line of routed_grpo.lab.diagnose.
 
-Joined to the core's `pairs` app by routed_grpo/cli/main.py only, so the core never imports it. Bad input (no such
-rollouts, a label missing, an unknown sensor) prints the error naming the file or option and exits 2; the outputs
-are written through temp files, so a failed run leaves none behind.
+Joined to the core's `pairs` app by routed_grpo/cli/main.py only, so the core never imports it. The adapter is the
+run's (rank, targets and init seed from the run's `config.yaml` when `--rollouts` is a run directory; the options
+override them) at initialisation, or with a checkpoint's trained blocks (`--checkpoint`). Bad input (no such
+rollouts, a row without one of the labels, an unknown sensor) prints the error naming the file or option and exits
+2; the outputs are written through temp files, so a failed run leaves none behind.
 """
 
 from __future__ import annotations
@@ -12,9 +14,33 @@ from pathlib import Path
 
 import typer
 
-from routed_grpo.cli.common import DEFAULT_TARGETS, fail, load_adapter, load_pairs, split, targets_list
+from routed_grpo.cli.common import fail, load_adapter, load_pairs, split, targets_list
 
-DEFAULT_SENSORS = ["bottleneck", "bottleneck_init", "residual:mid"]
+
+def _run_adapter_fields(rollouts: Path) -> dict:
+    """The adapter fields of the run whose rollouts these are (its config.yaml), or {}."""
+    import yaml
+
+    config = (rollouts if rollouts.is_dir() else rollouts.parent) / "config.yaml"
+    if not config.is_file():
+        return {}
+    training = (yaml.safe_load(config.read_text()) or {}).get("training", {})
+    return {k: training[k] for k in ("adapter_rank", "adapter_targets", "adapter_init_seed") if k in training}
+
+
+def _load_blocks(adapter, checkpoint: Path) -> None:
+    """Both blocks' trained weights from a checkpoint (or `final/`) directory, as the trainer resumes them."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from routed_grpo.adapter import DEPLOYED, QUARANTINE
+
+    for block in (DEPLOYED, QUARANTINE):
+        path = checkpoint / block / "adapter_model.safetensors"
+        if not path.is_file():
+            fail(f"{path}: --checkpoint has no '{block}' block (a checkpoint-N/ or final/ directory of the run)")
+        set_peft_model_state_dict(adapter.model, load_file(str(path)), adapter_name=block)
+    adapter.model.base_model.set_adapter([DEPLOYED, QUARANTINE])
 
 
 def diagnose(
@@ -23,11 +49,17 @@ def diagnose(
     rollouts: Path = typer.Option(..., "--rollouts", help="A finished run's directory or its rollouts.jsonl."),
     out: Path = typer.Option(..., "--out", help="Output directory: diagnose.md, diagnose.json, diagnose.png."),
     sensor: list[str] = typer.Option(
-        DEFAULT_SENSORS, "--sensor", help="Sensors to compare (repeatable); residual:mid = the middle layer."
+        None,
+        "--sensor",
+        help="Sensors to compare (repeatable; residual:mid = the middle layer). Default: bottleneck, residual:mid, "
+        "and bottleneck_init with --checkpoint (at initialisation it reads what bottleneck reads).",
     ),
-    rank: int = typer.Option(8, "--rank", help="Adapter rank r per block (as the run)."),
-    targets: str = typer.Option(DEFAULT_TARGETS, "--targets", help="Comma-separated target modules."),
-    init_seed: int = typer.Option(0, "--init-seed", help="Seed of the adapter's initial A matrices (as the run)."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="The run's checkpoint-N/ or final/ directory: read with its trained blocks."
+    ),
+    rank: int | None = typer.Option(None, "--rank", help="Adapter rank r per block (default: the run's)."),
+    targets: str | None = typer.Option(None, "--targets", help="Comma-separated target modules (default: the run's)."),
+    init_seed: int | None = typer.Option(None, "--init-seed", help="Adapter init seed (default: the run's)."),
     mode: str = typer.Option("full", "--mode", help="Rollouts of this sampling mode only: full or deploy."),
     tags: list[str] | None = typer.Option(None, "--tags", help="Keep pairs with any of these tags."),
     exclude_tags: list[str] | None = typer.Option(None, "--exclude-tags", help="Drop pairs with any of these tags."),
@@ -41,6 +73,7 @@ def diagnose(
     import torch
 
     from routed_grpo.activations import pooled_completion_activations, pooled_pair_activations
+    from routed_grpo.adapter import DEFAULT_TARGETS
     from routed_grpo.lab.diagnose import LABELS, diagnose, markdown, png
     from routed_grpo.lab.diagnostic import read_rollouts
     from routed_grpo.utils import atomic_write_bytes, atomic_write_text
@@ -51,20 +84,30 @@ def diagnose(
         fail(str(e))
     if not rows:
         fail(f"{rollouts}: no {mode}-mode rollouts")
-    missing = [k for k in LABELS if k not in rows[0].get("labels", {})]
-    if missing:
-        fail(f"{rollouts}: field 'labels' lacks {missing} (a run of this version writes them)")
+    for i, row in enumerate(rows):
+        missing = [k for k in LABELS if k not in row.get("labels", {})]
+        if missing:
+            fail(
+                f"{rollouts}: {mode}-mode row {i}: field 'labels' lacks {missing} (a run of this version writes them)"
+            )
+    run = _run_adapter_fields(rollouts)
+    rank = rank if rank is not None else run.get("adapter_rank", 8)
+    target_list = targets_list(targets) if targets else list(run.get("adapter_targets", DEFAULT_TARGETS))
+    init_seed = init_seed if init_seed is not None else run.get("adapter_init_seed", 0)
     loaded = load_pairs(pairs, split(tags), split(exclude_tags))
-    adapter, tokenizer, _ = load_adapter(model, rank, None, targets_list(targets), init_seed, device, dtype)
+    adapter, tokenizer, _ = load_adapter(model, rank, None, target_list, init_seed, device, dtype)
+    if checkpoint is not None:
+        _load_blocks(adapter, checkpoint)
     n_layers = len(adapter.model.get_base_model().get_decoder().layers)
+    asked = sensor or ["bottleneck", "residual:mid"] + (["bottleneck_init"] if checkpoint is not None else [])
+    specs = list(dict.fromkeys(s.replace("residual:mid", f"residual:{n_layers // 2}") for s in asked))
     labels = {k: torch.tensor([bool(r["labels"][k]) for r in rows]) for k in LABELS}
     results = {}
-    for spec in sensor:
-        spec = spec.replace("residual:mid", f"residual:{n_layers // 2}")
+    for spec in specs:
         try:
             adapter.use_sensor(spec)
         except ValueError as e:
-            fail(f"--sensor {spec!r}: {e}")
+            fail(str(e))
         hack, clean = pooled_pair_activations(adapter, tokenizer, loaded, progress=True)
         acts = pooled_completion_activations(
             adapter, tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], progress=True
@@ -72,9 +115,18 @@ def diagnose(
         tags_of = [list(p.tags) for p in loaded]
         results[adapter.sensor.spec] = diagnose(hack, clean, tags_of, acts, labels, n_null, folds, seed)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"rollouts": str(rollouts), "model": model, "mode": mode, "n_pairs": len(loaded), "sensors": results}
+    record = {
+        "rollouts": str(rollouts),
+        "model": model,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "adapter": {"rank": rank, "targets": target_list, "init_seed": init_seed},
+        "mode": mode,
+        "n_pairs": len(loaded),
+        "sensors": results,
+    }
+    where = f"{rollouts}" + (f", adapter from {checkpoint}" if checkpoint else ", adapter at initialisation")
     atomic_write_text(out / "diagnose.json", json.dumps(record, indent=1) + "\n")
-    atomic_write_text(out / "diagnose.md", markdown(results, str(rollouts)))
+    atomic_write_text(out / "diagnose.md", markdown(results, where))
     atomic_write_bytes(out / "diagnose.png", png(results))
-    typer.echo(markdown(results, str(rollouts)))
+    typer.echo(markdown(results, where))
     typer.echo(f"wrote {out}/diagnose.md, diagnose.json, diagnose.png")
