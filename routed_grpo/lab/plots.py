@@ -73,7 +73,7 @@ def plot_curves(summaries: Sequence[dict[str, Any]], out_png: str | Path) -> Pat
         return None
     plt = _plt()
     colour = colours(list(groups))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.6), sharex=True)
     for ax, (label, key) in zip(axes, (("strict hack", "hack_strict"), ("solve", "correct")), strict=True):
         seen: list[float] = []
         for arm, rows in groups.items():
@@ -101,7 +101,8 @@ def plot_curves(summaries: Sequence[dict[str, Any]], out_png: str | Path) -> Pat
         if seen:
             ax.set_ylim(*limits(min(seen), max(seen)))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()  # beside the plots: over them it hides the curves
+    axes[1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.suptitle("line: mean over seeds; band: lowest to highest seed", fontsize=9)
     return _save(fig, plt, out_png)
 
