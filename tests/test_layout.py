@@ -20,6 +20,7 @@ CORE = [
     "loss",
     "pairs",
     "routing_state",
+    "sensing",
     "sensor",
     "trainer",
     "vact",

@@ -22,6 +22,7 @@ TRAINING_MODULES = [
     "loss",
     "pairs",
     "routing_state",
+    "sensing",
     "sensor",
     "trainer",
     "vact",
