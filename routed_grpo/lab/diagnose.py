@@ -83,18 +83,19 @@ def diagnose(
     vact = unit_mean_difference(pair_hack, pair_clean)
     groups = tag_groups(pair_tags, "mode").items()  # a mode that every pair carries leaves nothing to fit: skipped
     loo = {m: unit_mean_difference(pair_hack[~g], pair_clean[~g]) for m, g in groups if (~g).any()}
+    s = score(acts, vact)  # (N,), shared by every label
+    s_loo = {m: score(acts, d) for m, d in loo.items()}
     out: dict[str, dict[str, Any]] = {}
     for key, y in labels.items():
         y = y.bool()
         if not (y.any() and (~y).any()):
             continue
-        s = score(acts, vact)
         null = haar_aurocs(acts, y, n_null, seed)
         out[key] = {
             "n": len(y),
             "n_positive": int(y.sum()),
             "vact": auroc(s[y], s[~y]),
-            "loo": {m: auroc(score(acts, d)[y], score(acts, d)[~y]) for m, d in loo.items()},
+            "loo": {m: auroc(sm[y], sm[~y]) for m, sm in s_loo.items()},
             "oracle_cv": cv_auroc(acts, y, folds, seed) if min(int(y.sum()), int((~y).sum())) >= folds else None,
             "null_mean": float(null.mean()),
             "null_q95": float(null.quantile(0.95)),

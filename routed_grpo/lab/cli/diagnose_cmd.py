@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from routed_grpo.cli.common import fail, load_adapter, load_pairs, split, targets_list
+from routed_grpo.cli.pairs_cmd import EXCLUDE_OPT, TAGS_OPT
 
 
 def _run_adapter_fields(rollouts: Path) -> dict:
@@ -61,8 +62,8 @@ def diagnose(
     targets: str | None = typer.Option(None, "--targets", help="Comma-separated target modules (default: the run's)."),
     init_seed: int | None = typer.Option(None, "--init-seed", help="Adapter init seed (default: the run's)."),
     mode: str = typer.Option("full", "--mode", help="Rollouts of this sampling mode only: full or deploy."),
-    tags: list[str] | None = typer.Option(None, "--tags", help="Keep pairs with any of these tags."),
-    exclude_tags: list[str] | None = typer.Option(None, "--exclude-tags", help="Drop pairs with any of these tags."),
+    tags: list[str] | None = TAGS_OPT,
+    exclude_tags: list[str] | None = EXCLUDE_OPT,
     n_null: int = typer.Option(200, "--n-null", min=1, help="Haar-random directions in the null."),
     folds: int = typer.Option(5, "--folds", min=2, help="Folds of the oracle direction's cross-validation."),
     seed: int = typer.Option(0, "--seed", help="Seed of the folds and the null."),
