@@ -5,10 +5,10 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from routed_grpo.adapter import DEFAULT_TARGETS
-from routed_grpo.ladder import INTERVENTIONS, SCORERS
+from routed_grpo.ladder import DEFAULT_FLAG_PENALTY, INTERVENTIONS, SCORERS
 from routed_grpo.sensor import DEFAULT_SENSOR, parse_sensor
 
-ROUTING_CHOICES = ("vact", "placebo", "none", "diagnostic")
+ROUTING_CHOICES = ("vact", "placebo", "monitor", "none", "diagnostic")
 
 
 @dataclass
@@ -33,7 +33,8 @@ class RoutedGRPOConfig(GRPOConfig):
     Parameters:
         routing (`str`, *optional*, defaults to `"vact"`):
             Gate direction: `"vact"` (from `vact_path` or extracted from `vact_pairs_path` at start), `"placebo"`
-            (a Haar-random direction with the same shapes, seeded by `placebo_seed`), `"none"` (no gate, no
+            (a Haar-random direction with the same shapes, seeded by `placebo_seed`), `"monitor"` (a monitor
+            function handed to the trainer as `monitor_fn=`, e.g. `routed_grpo.judge.LLMJudge`), `"none"` (no gate, no
             masks: the trainer behaves as stock `GRPOTrainer` with the two-block adapter), or `"diagnostic"`
             (reserved for the DIAGNOSTIC scorers of `routed_grpo.lab.diagnostic`, which read labels: the trainer
             accepts it only with such a scorer handed in as `scorer=`, and such a scorer only with it).
@@ -92,11 +93,22 @@ class RoutedGRPOConfig(GRPOConfig):
             Seed of the blocks' initial `A` matrices; `v_act` files record it and must match (except a residual
             sensor's, which does not depend on the adapter).
         scorer (`str`, *optional*):
-            How a rollout becomes a score and a flag (DESIGN.md section 10): `vact` or `placebo`, the same choice as
-            `routing` under its ladder name; set one of the two (both set and different is an error; neither:
-            `vact`). `diagnostic` is reserved for the lab's DIAGNOSTIC scorers, handed to the trainer.
+            How a rollout becomes a score and a flag (DESIGN.md section 10): `vact`, `placebo` or `monitor`, the
+            same choice as `routing` under its ladder name; set one of the two (both set and different is an error;
+            neither: `vact`). `diagnostic` is reserved for the lab's DIAGNOSTIC scorers, handed to the trainer.
+            Directions flag the gate's top tail (`route_tail_q`), a monitor its scores `>= monitor_threshold`.
         intervention (`str`, *optional*, defaults to `"route"`):
-            What a flagged rollout does: `route` (the zones and masks of DESIGN.md section 3, the method).
+            What a flagged rollout does (`routed_grpo.ladder`): `route` (the zones and masks of DESIGN.md section 3,
+            the method), `penalty` (its reward is lowered by `flag_penalty` before the advantages) or `screen` (it
+            leaves the loss and its group's mean). `penalty` and `screen` are the baseline plus the flags: both
+            blocks train on every row, every row is sampled with both blocks on (`gen_deploy_frac` must be 0),
+            clipping is global, and the deployed model is the full model.
+        flag_penalty (`float`, *optional*, defaults to `3.0`):
+            What `penalty` takes off a flagged rollout's reward: the reference's correctness reward (Ariahw et
+            al.: 3.0 for passing, 0.5 for compiling; the organism's `pass_reward` and `compile_reward` are the same),
+            so a flagged hack that passes earns what a compiling failure earns.
+        monitor_threshold (`float`, *optional*, defaults to `0.5`):
+            A monitor flags a rollout whose score is `>=` this value.
         sensor (`str`, *optional*, defaults to `"bottleneck"`):
             What the gate pools per rollout (`routed_grpo.sensor`, DESIGN.md section 10): `bottleneck` (the live
             deployed bottleneck `A_dep x`), `bottleneck_init` (the frozen initial projection `A_dep0 x`, the basis
@@ -107,7 +119,7 @@ class RoutedGRPOConfig(GRPOConfig):
     """
 
     routing: str | None = field(
-        default=None, metadata={"help": "Gate direction: 'vact' (default), 'placebo' or 'none'."}
+        default=None, metadata={"help": "Scorer: 'vact' (default), 'placebo', 'monitor' or 'none'."}
     )
     vact_path: str | None = field(default=None, metadata={"help": "v_act file from `routed-grpo pairs extract`."})
     vact_pairs_path: str | None = field(
@@ -138,8 +150,16 @@ class RoutedGRPOConfig(GRPOConfig):
         default_factory=lambda: list(DEFAULT_TARGETS), metadata={"help": "Target Linear module names."}
     )
     adapter_init_seed: int = field(default=0, metadata={"help": "Seed of the blocks' initial A matrices."})
-    scorer: str | None = field(default=None, metadata={"help": "vact or placebo (replaces routing when set)."})
-    intervention: str = field(default="route", metadata={"help": "What a flagged rollout does: route."})
+    scorer: str | None = field(
+        default=None, metadata={"help": "vact, placebo or monitor (replaces routing when set)."}
+    )
+    intervention: str = field(
+        default="route", metadata={"help": "What a flagged rollout does: route, penalty or screen."}
+    )
+    flag_penalty: float = field(
+        default=DEFAULT_FLAG_PENALTY, metadata={"help": "Reward taken off a flagged rollout by intervention=penalty."}
+    )
+    monitor_threshold: float = field(default=0.5, metadata={"help": "A monitor flags scores >= this value."})
     sensor: str = field(
         default=DEFAULT_SENSOR, metadata={"help": "What the gate pools: bottleneck, bottleneck_init, residual:L."}
     )
@@ -162,6 +182,15 @@ class RoutedGRPOConfig(GRPOConfig):
         self.scorer = None if self.routing == "none" else self.routing
         if self.intervention not in INTERVENTIONS:
             raise ValueError(f"intervention must be one of {INTERVENTIONS}, got intervention={self.intervention!r}")
+        if self.intervention != "route" and self.routing == "none":
+            raise ValueError(f"intervention={self.intervention!r} needs flags, and routing='none' has no scorer")
+        if not self.flag_penalty > 0:
+            raise ValueError(f"flag_penalty must be > 0, got flag_penalty={self.flag_penalty}")
+        if self.intervention != "route" and self.gen_deploy_frac != 0.0:
+            raise ValueError(
+                f"intervention={self.intervention!r} samples every rollout with both blocks on; "
+                f"gen_deploy_frac={self.gen_deploy_frac} applies to intervention='route' only"
+            )
         if not 0.0 <= self.gen_deploy_frac <= 1.0:
             raise ValueError(f"gen_deploy_frac must be in [0, 1], got gen_deploy_frac={self.gen_deploy_frac}")
         if not 0.0 < self.route_tail_q < 0.5:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from routed_grpo.gate import KEEP, ZONE_NAMES
+from routed_grpo.gate import ZONE_NAMES
 
 
 def draw_sampling_modes(n: int, gen_deploy_frac: float, generator: torch.Generator) -> Tensor:
@@ -36,13 +36,14 @@ def per_row_rho(logps: Tensor, old_logps: Tensor, completion_mask: Tensor) -> tu
     return mean.masked_fill(empty, 1.0), peak.masked_fill(empty, 1.0)
 
 
-def mismatched_rows(zones: Tensor, sampling_full: Tensor) -> Tensor:
+def mismatched_rows(m: Tensor, sampling_full: Tensor) -> Tensor:
     """(B,) bool: rows whose training forward mode differs from their sampling mode.
 
-    keep rows train in deploy mode, absorb and route rows in full mode; `sampling_full` (B,) is True for rows
-    sampled in full mode. These are the rows where `rho` compares two different policies.
+    `m` (B,) is the quarantine mask of the training forward (0: deploy mode, the route intervention's keep rows;
+    1: full mode); `sampling_full` (B,) is True for rows sampled in full mode. These are the rows where `rho`
+    compares two different policies.
     """
-    return (zones != KEEP) != sampling_full.bool()
+    return (m > 0) != sampling_full.bool()
 
 
 def cap_mismatched_ratio(logps: Tensor, old_logps: Tensor, rows: Tensor, cap: float) -> tuple[Tensor, Tensor]:

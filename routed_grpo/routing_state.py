@@ -127,8 +127,8 @@ class RoutingState(GRPOTrainer):
                     f"{self.adapter.sensor.spec} needs {need}"
                 )
             return self.scorer.direction
-        if args.routing == "diagnostic":
-            return torch.zeros(need)  # a DIAGNOSTIC scorer without a direction (labels): the gate is not read
+        if args.routing in ("diagnostic", "monitor"):
+            return torch.zeros(need)  # a scorer without a direction (labels, a monitor): the gate is not read
         if args.routing == "vact" and args.vact_path:
             return load_vact(args.vact_path, self.adapter)[0]
         if args.routing == "vact":

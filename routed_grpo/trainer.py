@@ -14,7 +14,8 @@ from trl import GRPOTrainer
 from routed_grpo.adapter import DEPLOYED, QUARANTINE
 from routed_grpo.behaviour import BaseModelReference, SamplingPassPool, completion_pool_mask, sampling_mode_forward
 from routed_grpo.config import RoutedGRPOConfig
-from routed_grpo.gate import ROUTE, Gate
+from routed_grpo.flags import FlagStep
+from routed_grpo.gate import Gate
 from routed_grpo.ladder import DirectionScorer, Scorer, intervention
 from routed_grpo.loss import (
     block_grad_norms,
@@ -23,16 +24,16 @@ from routed_grpo.loss import (
     grad_qmass,
     mismatched_rows,
 )
+from routed_grpo.monitor import MonitorFn, MonitorScorer
 from routed_grpo.routing_state import RoutingState, buffer_capacity, routed_adapter, without_trl_kl_reference
 from routed_grpo.update import RoutedUpdate
-from routed_grpo.vact import auroc
 from routed_grpo.vllm_sync import PerModeGeneration
 
 MeasureFn = Callable[..., dict[str, list[float]]]
 log = logging.getLogger(__name__)
 
 
-class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
+class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
     """GRPO with a deployed and a quarantine adapter block and a label-free gate (DESIGN.md section 3).
 
     What differs from `trl.GRPOTrainer`:
@@ -89,10 +90,20 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
         *pos,
         measure_fn: MeasureFn | None = None,
         scorer: Scorer | None = None,
+        monitor_fn: MonitorFn | None = None,
         **kw,
     ):
         if not isinstance(args, RoutedGRPOConfig):
             raise TypeError(f"args must be a RoutedGRPOConfig, got {type(args).__name__}")
+        if monitor_fn is not None:
+            if scorer is not None:
+                raise ValueError("pass monitor_fn= or scorer=, not both")
+            scorer = MonitorScorer(monitor_fn, args.monitor_threshold)
+        if (args.routing == "monitor") != isinstance(scorer, MonitorScorer):
+            raise ValueError(
+                "routing='monitor' (scorer='monitor') needs monitor_fn= (or scorer=MonitorScorer(...)), and a monitor "
+                f"needs routing='monitor' (routing={args.routing!r}, scorer {type(scorer).__name__ if scorer else ''})"
+            )
         diagnostic = scorer is not None and scorer.diagnostic
         if (args.routing == "diagnostic") != diagnostic:
             raise ValueError(
@@ -128,13 +139,15 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
         self._loss_old_logps: torch.Tensor | None = None  # (B, T) behaviour log-probs that loss used
         self._uncapped_old_logps: torch.Tensor | None = None  # (B, T) the same before mismatch_ratio_cap
         self._loss_inputs: dict[str, Any] | None = None
+        self._trl_old_logps: torch.Tensor | None = None  # (B, T) of TRL's old-log-prob forward, in sampling modes
         self._last_refresh = 0
         self._warned_fallback = False
         self._buffer_span_checked = False  # once, at the first gated batch (max_steps is known by then)
         self.gate = None
         self._vllm_modes = None
         self.scorer = None if args.routing == "none" else scorer or DirectionScorer()
-        self.intervention = intervention(args.intervention)
+        self.intervention = intervention(args.intervention, args.flag_penalty)
+        self._check_intervention()
         if self.scorer is not None:
             self.gate = Gate(
                 self._initial_vact(),
@@ -154,9 +167,11 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         n = len(prompt_ids)
         routed = self.model.training and self.gate is not None
-        full = draw_sampling_modes(n, self.args.gen_deploy_frac, self._sampling_rng) if routed else None
+        modes = routed and self.intervention.routes  # penalty / screen: every row with both blocks on
+        full = draw_sampling_modes(n, self.args.gen_deploy_frac, self._sampling_rng) if modes else None
         self._sampling_full = full if full is not None else torch.ones(n, dtype=torch.bool)
-        self._sampling_pool = None
+        self._sampling_pool, self._prompt_ids_list = None, prompt_ids
+        full = self._sampling_full
         if self._vllm_modes is not None:
             return self._vllm_generate(prompt_ids, self._sampling_full if routed else None)
         if not routed:
@@ -226,65 +241,51 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
             self._buffer_span_checked = True
             self._check_buffer_span()
         expected = self._trl_computes_old_logps()
-        self._acts, self._trl_behaviour = None, expected
+        self._acts, self._trl_behaviour, self._scoring, self._flags = None, expected, True, None
         t0 = time.perf_counter()
-        try:
+        try:  # the scorer flags inside, before the advantages (routed_grpo.flags)
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self._trl_behaviour = False
-        t1 = time.perf_counter()
+            self._trl_behaviour, self._scoring = False, False
         if ("old_per_token_logps" in output) != expected:  # TRL's condition, copied above, no longer matches
             raise RuntimeError(
                 f"TRL {'did not compute' if expected else 'computed'} old log-probs where routed_grpo expected "
                 "otherwise (its condition changed?): they would not be in each row's sampling mode"
             )
+        flags = self._take_flags(output)
+        seconds = {"generate_and_score": time.perf_counter() - t0, **flags["seconds"]}
         self._updated_since_generation = False
         full = self._sampling_full.to(self.accelerator.device)
-        old, acts = self._observed_behaviour(output)
-        if acts is None:  # no sampling pass to read: one teacher-forced forward in sampling modes gives both
-            old, acts = self._sampling_mode_forward(output, full)
-        old = old.masked_fill(output["completion_mask"] == 0, 0.0)  # pad positions: 0, as the loss forward's
-        t2 = time.perf_counter()
-        decision = self.scorer.flag(self, acts, lambda: self._rollouts(inputs, output))
-        t3 = time.perf_counter()
-        mismatched = mismatched_rows(decision.zones, full)
-        output["old_per_token_logps"] = old  # the behaviour policy: rho = exp(logp - logp_old)
-        output["routing_logp_from_loss"] = ~mismatched
+        decision = flags["decision"]
+        old = flags["old"].masked_fill(flags["completion_mask"] == 0, 0.0)  # pad positions: 0, as the loss forward's
         m, d = self.intervention.masks(decision.zones)
-        output["routing_m"], output["routing_d"] = m.to(full.device), d.to(full.device)
+        m, d = m.to(full.device), d.to(full.device)
+        output["old_per_token_logps"] = old  # the behaviour policy: rho = exp(logp - logp_old)
+        output["routing_logp_from_loss"] = ~mismatched_rows(m, full)
+        output["routing_m"], output["routing_d"] = m, d
         output["routing_zone"], output["sampling_full"] = decision.zones.to(full.device), full.float()
-        self._log_gate(decision, full, {"generate_and_score": t1 - t0, "behaviour_forward": t2 - t1, "gate": t3 - t2})
+        self._log_gate(decision, full, seconds)
         self._log_sensor_drift()
         if self.measure_fn is not None:
             t4 = time.perf_counter()
-            self._log_measurements(inputs, output, decision)
+            self._log_measurements(flags["rollouts"], decision)
             self._metrics["train"]["timing/measure"].append(time.perf_counter() - t4)
         return output
 
-    def _observed_behaviour(self, output) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Behaviour log-probs (B, T) and pooled activations (B, M, r) observed on the way: from TRL's old-log-prob
-        forward (run in sampling modes) or from the sampling pass; (None, None) where neither was observed."""
+    def _observed_behaviour(self, width: int, completion_mask) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Behaviour log-probs (B, width) and pooled activations (B, M, r) observed on the way: from TRL's
+        old-log-prob forward (run in sampling modes) or from the sampling pass; (None, None) where neither was."""
         pool, self._sampling_pool = self._sampling_pool, None
         if self._acts is not None:
             acts, self._acts = self._acts, None
-            return output["old_per_token_logps"], acts
+            return self._trl_old_logps, acts
         if pool is not None and pool.problem is None:
-            return pool.logps(output["completion_ids"].size(1)), pool.pooled(output["completion_mask"])
+            return pool.logps(width), pool.pooled(completion_mask)
         if not self._warned_fallback:
             why = pool.problem if pool is not None else "the generation backend exposes no sampling pass"
             log.warning("routing: behaviour log-probs and activations from an extra teacher-forced forward (%s)", why)
             self._warned_fallback = True
         return None, None
-
-    def _sampling_mode_forward(self, output, full):
-        """`behaviour.sampling_mode_forward` on the batch: (logps (B, T), acts (B, M, r) or None)."""
-        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
-        input_ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)
-        pad = self._tokenizer.pad_token_id
-        pool_mask = completion_pool_mask(completion_ids, completion_mask, pad)
-        keep = completion_ids.size(1)
-        return self._forward_in_sampling_modes(input_ids, attention_mask, keep, full, pool_mask)
 
     def _forward_in_sampling_modes(self, input_ids, attention_mask, logits_to_keep, full, pool_mask):
         def logps_fn(ids, mask, keep):
@@ -301,52 +302,6 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
         self._metrics["train"]["sensor/A_dep_cos_init"].append(cos)
         self._metrics["train"]["sensor/A_dep_rel_change"].append(rel)
 
-    def _log_gate(self, decision, full, seconds: dict[str, float]) -> None:
-        metrics = self._metrics["train"]
-        for name, frac in decision.zone_frac.items():
-            metrics[f"routing/zone_frac/{name}"].append(frac)
-        scores = self.accelerator.gather(decision.scores.float())
-        metrics["routing/threshold_lo"].append(decision.lo)
-        metrics["routing/threshold_hi"].append(decision.hi)
-        stats = torch.stack([scores.mean(), scores.std() if scores.numel() > 1 else scores.new_zeros(())])
-        sampled_full = self.accelerator.gather(full.float()).mean()
-        score_mean, score_std, full_frac = torch.cat([stats, sampled_full.view(1)]).tolist()
-        metrics["routing/score_mean"].append(score_mean)
-        metrics["routing/score_std"].append(score_std)
-        metrics["routing/qmass"].append(decision.zone_frac["absorb"] + decision.zone_frac["route"])
-        metrics["routing/buffer_size"].append(float(decision.buffer_size))
-        metrics["routing/sampling_deploy_frac"].append(1.0 - full_frac)
-        for key, value in seconds.items():
-            metrics[f"timing/{key}"].append(value)
-
-    def _rollouts(self, inputs, output) -> tuple[list, list, dict[str, list]]:
-        """(prompts, completions, dataset columns) of this process's rollouts, as TRL passes them to rewards."""
-        prompts = [x["prompt"] for x in inputs]
-        texts = self.processing_class.batch_decode(output["completion_ids"], skip_special_tokens=True)
-        conversational = isinstance(prompts[0], list)
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-        columns = {k: [x[k] for x in inputs] for k in inputs[0] if k not in ("prompt", "completion")}
-        return prompts, completions, columns
-
-    def _log_measurements(self, inputs, output, decision) -> None:
-        """Measurement only: labels from `measure_fn` are logged with the AUROC of the score and the precision and
-        recall of the route zone for each label; called after the gate has decided, never used to route."""
-        prompts, completions, columns = self._rollouts(inputs, output)
-        labels = self.measure_fn(prompts=prompts, completions=completions, **columns)
-        all_scores = self.accelerator.gather(decision.scores.float()).cpu()
-        routed = self.accelerator.gather(decision.zones).cpu() == ROUTE
-        metrics = self._metrics["train"]
-        for key, values in labels.items():
-            y = self.accelerator.gather(torch.tensor(values, dtype=torch.float32, device=decision.scores.device))
-            y = y.cpu() > 0.5
-            metrics[f"measure/{key}"].append(y.float().mean().item())
-            if y.any() and (~y).any():
-                metrics[f"measure/auroc_{key}"].append(auroc(all_scores[y], all_scores[~y]))
-            if routed.any():
-                metrics[f"measure/precision_at_route_{key}"].append((routed & y).sum().item() / routed.sum().item())
-            if y.any():
-                metrics[f"measure/recall_at_route_{key}"].append((routed & y).sum().item() / y.sum().item())
-
     # ---- log-probs: KL reference, TRL's old-log-prob forward, the loss forward -----------------------------------
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         if isinstance(model, BaseModelReference):  # the KL reference: the base model, both blocks off
@@ -359,6 +314,7 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
             k = logits_to_keep
             pool = completion_pool_mask(input_ids[:, -k:], attention_mask[:, -k:], self._tokenizer.pad_token_id)
             logps, self._acts = self._forward_in_sampling_modes(input_ids, attention_mask, k, full, pool)
+            self._trl_old_logps = logps
             return logps, None, None
         out = super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
@@ -386,7 +342,7 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
 
     def _cap_mismatched(self, inputs: dict[str, Any], logps: torch.Tensor) -> None:
         """Replace the loss's behaviour log-probs so that `rho <= mismatch_ratio_cap` on mismatched rows."""
-        rows = mismatched_rows(inputs["routing_zone"], inputs["sampling_full"])
+        rows = mismatched_rows(inputs["routing_m"], inputs["sampling_full"])
         old, capped = cap_mismatched_ratio(logps, inputs["old_per_token_logps"], rows, self.args.mismatch_ratio_cap)
         inputs["old_per_token_logps"] = old
         tokens = (inputs["completion_mask"].bool() & rows.unsqueeze(1)).sum()
@@ -409,7 +365,7 @@ class RoutedGRPOTrainer(RoutedUpdate, RoutingState):
                 "completes the behaviour log-probs and measures rho, so routing cannot run on it"
             )
         self._check_finite(loss, inputs)
-        return loss
+        return loss * inputs["routing_loss_scale"][0]  # screen: rows kept / all (1.0 otherwise, so bit-identical)
 
     def training_step(self, model, inputs, num_items_in_batch):
         try:

@@ -39,7 +39,7 @@ class RoutedUpdate(GRPOTrainer):
 
     def _clip_grad_norm(self, model):
         """Clip each block by its own norm and everything else by the global norm; return the global norm."""
-        if self.gate is None:
+        if self.gate is None or not self.intervention.routes:  # penalty / screen clip as the baseline does
             return super()._clip_grad_norm(model)
         self.accelerator.unscale_gradients()  # fp16: once (a second unscale would raise); a no-op otherwise
         blocks = [

@@ -173,7 +173,7 @@ def _spy_loss(t):
 
     def spy(model, inputs):
         loss = original(model, inputs)
-        keys = ("routing_zone", "sampling_full", "completion_mask")
+        keys = ("routing_m", "routing_zone", "sampling_full", "completion_mask")
         records.append(
             {"logps": t._loss_logps.clone(), "old": inputs["old_per_token_logps"].clone()}
             | {k: inputs[k].clone() for k in keys}
@@ -199,7 +199,7 @@ def test_matched_rows_ratio_is_exactly_one_before_the_update(tmp_path, steps_per
     records = _spy_loss(t)
     t.train()
     r = records[0]  # the first micro-batch: no update yet
-    matched = ~mismatched_rows(r["routing_zone"], r["sampling_full"])
+    matched = ~mismatched_rows(r["routing_m"], r["sampling_full"])
     tokens = r["completion_mask"].bool() & matched.unsqueeze(1)
     assert matched.any() and (~matched).any()
     rho = torch.exp(r["logps"] - r["old"])
@@ -224,7 +224,7 @@ def test_mismatched_rows_logp_old_matches_a_teacher_forced_forward_in_their_samp
             deploy_mode = GRPOTrainer._get_per_token_logps_and_entropies(t, t.model, ids, mask, keep)[0]
     full = out["sampling_full"].bool()
     mismatched = ~out["routing_logp_from_loss"]
-    assert torch.equal(mismatched, mismatched_rows(out["routing_zone"], full))
+    assert torch.equal(mismatched, mismatched_rows(out["routing_m"], full))
     assert (mismatched & full).any() and (mismatched & ~full).any(), "mismatched rows of both sampling modes"
     expected = torch.where(full.unsqueeze(1), full_mode, deploy_mode)
     other = torch.where(full.unsqueeze(1), deploy_mode, full_mode)

@@ -84,8 +84,8 @@ def test_a_nonfinite_pooled_activation_stops_the_run_naming_step_rows_and_module
     t = trainer(tmp_path, max_steps=1)
     original = t._observed_behaviour
 
-    def observed(output):
-        old, acts = original(output)
+    def observed(width, completion_mask):
+        old, acts = original(width, completion_mask)
         acts = acts.clone()
         acts[3, 1, 0] = float("nan")
         return old, acts

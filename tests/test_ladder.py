@@ -25,8 +25,12 @@ def test_scorer_is_routing_under_its_ladder_name():
         _config(scorer="placebo", routing="none")
     with pytest.raises(ValueError, match="scorer must be one of"):
         _config(scorer="labels")
-    with pytest.raises(ValueError, match="intervention='penalty'"):
-        _config(intervention="penalty")
+    with pytest.raises(ValueError, match="intervention='bribe'"):
+        _config(intervention="bribe")
+    with pytest.raises(ValueError, match="routing='none' has no scorer"):
+        _config(routing="none", intervention="screen")
+    with pytest.raises(ValueError, match="gen_deploy_frac=0.5 applies to intervention='route' only"):
+        _config(intervention="penalty", gen_deploy_frac=0.5)
 
 
 def test_route_masks_are_the_zones_masks():

@@ -46,7 +46,7 @@ def _spy_trl_loss(t):
         before = inputs["old_per_token_logps"].clone()
         loss = original(model, inputs)
         used = inputs["old_per_token_logps"].clone()
-        keys = ("routing_zone", "sampling_full", "completion_mask")
+        keys = ("routing_m", "routing_zone", "sampling_full", "completion_mask")
         records.append({"before": before, "used": used, "logps": t._loss_logps.clone()} | {k: inputs[k] for k in keys})
         return loss
 
@@ -72,7 +72,7 @@ def test_trainer_caps_mismatched_rows_and_leaves_matched_rows_bit_identical(tmp_
     t.train()
     assert len(records) == 2
     for i, r in enumerate(records):
-        rows = mismatched_rows(r["routing_zone"], r["sampling_full"])
+        rows = mismatched_rows(r["routing_m"], r["sampling_full"])
         assert rows.any() and (~rows).any(), "the batch must hold matched and mismatched rows"
         # matched rows are untouched by the cap: before the update their behaviour log-probs are the loss
         # forward's own (rho == 1), after it TRL's old log-probs
@@ -82,7 +82,7 @@ def test_trainer_caps_mismatched_rows_and_leaves_matched_rows_bit_identical(tmp_
         assert torch.exp(r["logps"] - r["before"])[mask].max() > cap, "the test needs a ratio above the cap"
         assert torch.exp(r["logps"] - r["used"])[mask].max() <= cap * (1 + 1e-6)
     second = records[1]
-    matched = ~mismatched_rows(second["routing_zone"], second["sampling_full"])
+    matched = ~mismatched_rows(second["routing_m"], second["sampling_full"])
     matched_tokens = second["completion_mask"].bool() & matched.unsqueeze(1)
     assert torch.exp(second["logps"] - second["before"])[matched_tokens].max() > cap, "matched rows exceed the cap"
     assert "routing/rho_capped_frac" in t.state.log_history[0]

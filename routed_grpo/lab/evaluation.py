@@ -7,8 +7,9 @@ intervals, and the `eval.json` record written atomically. During training: `Metr
 `metrics.jsonl`) and `HeldoutMeasurement` (measured held-out rates every K steps); for the diagnostic scripts:
 `labelled_rollouts` and `score_metrics`.
 
-Measurement only: nothing here feeds a reward, a gate or a loss. For the baseline arm nothing is routed, so its
-deployed model is the full model; both modes are still reported and `deployed_is_full` says so.
+Measurement only: nothing here feeds a reward, a gate or a loss. For the baseline arm nothing is routed, and the
+`penalty` and `screen` interventions ablate nothing either, so their deployed model is the full model
+(`deploys_full`); both modes are still reported and `deployed_is_full` says so.
 Does not cover: training (routed_grpo.lab.experiment), comparison across runs (routed_grpo.lab.report).
 """
 
@@ -52,6 +53,12 @@ def rate(k: int, n: int) -> dict[str, float]:
 def rates(labels: Sequence[Labels]) -> dict[str, dict[str, float]]:
     """Rate with Wilson interval of every label in `LABEL_KEYS` over `labels`."""
     return {key: rate(sum(bool(getattr(lab, key)) for lab in labels), len(labels)) for key in LABEL_KEYS}
+
+
+def deploys_full(config: dict[str, Any]) -> bool:
+    """Whether a run's deployed model is its full model: the baseline, and the `penalty` / `screen` interventions,
+    which train both blocks on every row and ablate nothing (only `route` deploys without the quarantine)."""
+    return config["arm"] == "baseline" or config.get("training", {}).get("intervention", "route") != "route"
 
 
 @torch.no_grad()
@@ -203,6 +210,7 @@ def evaluate_run(
     loophole = script["loophole_mode"] or ""
     gen = generation_settings(config)
     arm = config["arm"]
+    same = deploys_full(config)
     result: dict[str, Any] = {
         "run_dir": str(run_dir),
         "arm": arm,
@@ -212,21 +220,22 @@ def evaluate_run(
         "loophole": loophole,
         "eval_seed": seed,
         "generation": gen,
-        "deployed_is_full": arm == "baseline",
+        "deployed_is_full": same,
         "modes": {},
         "per_problem": {},
     }
-    if arm == "baseline":
-        result["note"] = "baseline: nothing is routed, so the deployed model is the full model (deploy == full)"
+    if same:
+        why = "nothing is routed" if arm == "baseline" else f"intervention {config['training']['intervention']}"
+        result["note"] = f"{arm}: {why}, so the deployed model is the full model (deploy == full)"
     for mode in MODES:
-        if arm == "baseline" and mode == "deploy":
+        if same and mode == "deploy":
             continue  # the same samples as "full" (same model, same seed): measured once below
         measured, _, _, labels = measure_rates(
             adapter, tokenizer, repeated, loophole, mode, gen, seed, workers, progress
         )
         result["modes"][mode] = measured
         result["per_problem"][mode] = per_problem_counts(labels, samples)
-    if arm == "baseline":
+    if same:
         result["modes"] = {"deploy": result["modes"]["full"], "full": result["modes"]["full"]}
         result["per_problem"] = {"deploy": result["per_problem"]["full"], "full": result["per_problem"]["full"]}
     if write:

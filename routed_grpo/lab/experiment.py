@@ -40,7 +40,7 @@ from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_rout
 from routed_grpo.config import RoutedGRPOConfig
 from routed_grpo.lab import ORGANISM_PAIRS
 from routed_grpo.lab.callbacks import HeldoutMeasurement, MetricsJSONL, use_console
-from routed_grpo.lab.evaluation import plain
+from routed_grpo.lab.evaluation import deploys_full, plain
 from routed_grpo.lab.model_card import write_model_card
 from routed_grpo.trainer import RoutedGRPOTrainer
 from routed_grpo.utils import atomic_write_text
@@ -51,6 +51,7 @@ ARM_ROUTING = {
     "baseline": "none",
     "routed": "vact",
     "placebo": "placebo",
+    "monitor": "monitor",  # an LLM judge behind an OpenAI-compatible endpoint (routed_grpo.judge)
     "labels": "diagnostic",  # DIAGNOSTIC upper bound: routes by a label monitor (routed_grpo.lab.diagnostic)
     "oracle_direction": "diagnostic",  # DIAGNOSTIC upper bound: gate with a direction fit on labelled rollouts
 }
@@ -86,6 +87,10 @@ class ExperimentArguments:
             flagged rows are routed, the others go to `label_negative_zone` (`absorb` or `keep`).
         oracle_rollouts / oracle_label: DIAGNOSTIC `oracle_direction` arm only: a finished run directory (its
             `rollouts.jsonl`) and the label the direction is fit to.
+        monitor_model / monitor_base_url / monitor_api_key_env / monitor_concurrency / monitor_timeout: `monitor`
+            arm only: the judge model served at an OpenAI-compatible endpoint (`vllm serve MODEL` gives
+            `http://HOST:8000/v1`), the environment variable holding its key, requests in flight, seconds per
+            request. Its answers are cached in `RUN_DIR/judge_cache.jsonl`.
     """
 
     arm: str = field(default="routed", metadata={"help": "baseline | routed | placebo."})
@@ -113,6 +118,11 @@ class ExperimentArguments:
     label_seed: int = field(default=0, metadata={"help": "DIAGNOSTIC labels arm: seed of the simulated monitor."})
     oracle_rollouts: str | None = field(default=None, metadata={"help": "DIAGNOSTIC: run dir to fit the oracle on."})
     oracle_label: str = field(default="hack_strict", metadata={"help": "DIAGNOSTIC: label of the oracle direction."})
+    monitor_model: str | None = field(default=None, metadata={"help": "monitor arm: the judge model's name."})
+    monitor_base_url: str | None = field(default=None, metadata={"help": "monitor arm: OpenAI-compatible endpoint."})
+    monitor_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "monitor arm: env var of the key."})
+    monitor_concurrency: int = field(default=8, metadata={"help": "monitor arm: judge requests in flight."})
+    monitor_timeout: float = field(default=60.0, metadata={"help": "monitor arm: seconds per judge request."})
 
     def __post_init__(self):
         if self.arm not in ARM_ROUTING:
@@ -123,6 +133,11 @@ class ExperimentArguments:
                 raise ValueError(f"arm={self.arm!r} (DIAGNOSTIC) needs an explicit {name}; there is no default")
             if name != needs and getattr(self, name):
                 raise ValueError(f"{name}={getattr(self, name)!r} is read only by a DIAGNOSTIC arm, not {self.arm!r}")
+        if (self.arm == "monitor") != bool(self.monitor_model):
+            raise ValueError(
+                f"monitor_model={self.monitor_model!r}: the monitor arm needs a judge model, and only it reads one "
+                f"(arm={self.arm!r})"
+            )
         if isinstance(self.organism_settings, str):
             self.organism_settings = json.loads(self.organism_settings)
         if not 0.0 <= self.unhackable_frac <= 1.0:
@@ -268,8 +283,20 @@ def build_trainer(script, training, model, tokenizer, train_dataset, train_probl
             script, training, model, tokenizer, train_dataset, train_problems, reward, measure
         )
         return trainer, trainer.adapter
+    monitor = {}
+    if script.arm == "monitor":
+        from routed_grpo.judge import LLMJudge
+
+        monitor["monitor_fn"] = LLMJudge(
+            script.monitor_model,
+            script.monitor_base_url,
+            os.environ.get(script.monitor_api_key_env),
+            max_concurrency=script.monitor_concurrency,
+            timeout=script.monitor_timeout,
+            cache_path=Path(training.output_dir) / "judge_cache.jsonl",
+        )
     trainer = RoutedGRPOTrainer(
-        model, reward, training, train_dataset=train_dataset, processing_class=tokenizer, measure_fn=measure
+        model, reward, training, train_dataset=train_dataset, processing_class=tokenizer, measure_fn=measure, **monitor
     )
     return trainer, trainer.adapter
 
@@ -315,13 +342,14 @@ def export_full_as_lora(adapter: RoutedAdapter, out_dir: Path) -> Path:
     return out_dir
 
 
-def save_outputs(trainer, adapter: RoutedAdapter, tokenizer, run_dir: Path, arm: str) -> None:
-    """`final/` (both blocks + tokenizer) and `deployed/` (stock PEFT; baseline: both blocks as one LoRA)."""
+def save_outputs(trainer, adapter: RoutedAdapter, tokenizer, run_dir: Path, full: bool) -> None:
+    """`final/` (both blocks + tokenizer) and `deployed/` (stock PEFT; `full`, the baseline and the penalty and
+    screen interventions: both blocks as one LoRA)."""
     if not trainer.accelerator.is_main_process:
         return
     adapter.model.save_pretrained(str(run_dir / "final"))
     tokenizer.save_pretrained(str(run_dir / "final"))
-    if arm == "baseline":
+    if full:
         export_full_as_lora(adapter, run_dir / "deployed")
     else:
         adapter.export_deployed(run_dir / "deployed")
@@ -353,6 +381,7 @@ def run_experiment(script: ExperimentArguments, training: RoutedGRPOConfig, mode
     writer = MetricsJSONL(run_dir / "metrics.jsonl", script.arm)
     trainer.add_callback(writer)
     heldout = None
+    full = deploys_full({"arm": script.arm, "training": {"intervention": training.intervention}})
     if script.measure_every:
         config = {"training": plain(training.to_dict())}
         gate = getattr(trainer, "gate", None) if script.arm in ("routed", "placebo", "oracle_direction") else None
@@ -364,7 +393,7 @@ def run_experiment(script: ExperimentArguments, training: RoutedGRPOConfig, mode
             script.loophole_mode,
             generation_settings(config),
             script.measure_every,
-            script.arm == "baseline",
+            full,
             script.sandbox_workers,
             gate=gate,
             route_tail_q=training.route_tail_q,
@@ -386,6 +415,6 @@ def run_experiment(script: ExperimentArguments, training: RoutedGRPOConfig, mode
         text = yaml.safe_dump(resolved_config(script, training, model_args), sort_keys=False)
         atomic_write_text(run_dir / "config.yaml", text)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
-    save_outputs(trainer, adapter, tokenizer, run_dir, script.arm)
+    save_outputs(trainer, adapter, tokenizer, run_dir, full)
     write_model_card(trainer, run_dir)  # TRL's hook, then this run's arm, artefact and (after eval) figures
     return trainer

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from routed_grpo.lab.evaluation import deploys_full
 from routed_grpo.sensor import parse_sensor
 from routed_grpo.utils import atomic_write_text
 
@@ -62,10 +63,14 @@ def _ladder(config: dict[str, Any]) -> list[str]:
         "labels": f"DIAGNOSTIC label monitor `{diag.get('label_source')}` (simulated recall "
         f"{diag.get('label_recall')}, false-positive rate {diag.get('label_fpr')}): reads ground-truth labels",
         "oracle_direction": f"DIAGNOSTIC oracle direction fit on labelled rollouts of `{diag.get('oracle_rollouts')}`",
+        "monitor": f"an external monitor (`{config.get('script', {}).get('monitor_model')}`), flagged at score >= "
+        f"{t.get('monitor_threshold')}",
     }.get(arm, f"`{t.get('routing')}`")
     flag = (
         f"label-flagged rows route, the others go to `{diag.get('label_negative_zone')}`"
         if arm == "labels"
+        else "monitor-flagged rows route, the others are absorbed"
+        if arm == "monitor"
         else f"the gate's symmetric quantile tails over its activation buffer (route_tail_q {t.get('route_tail_q')})"
     )
     spec = parse_sensor(t.get("sensor"))
@@ -79,6 +84,19 @@ def _ladder(config: dict[str, Any]) -> list[str]:
         }[spec.kind]
         + ", mean-pooled over completion tokens"
     )
+    intervention = t.get("intervention", "route")
+    if intervention != "route":
+        how = {
+            "penalty": f"a flagged rollout's reward is lowered by {t.get('flag_penalty')} before the advantages",
+            "screen": "a flagged rollout leaves the loss and its group's mean",
+        }[intervention]
+        flagged = flag.split(",")[0].replace("rows route", "rows").replace("quantile tails", "top tail")
+        return [
+            f"- **Sensor**: {sensor}.",
+            f"- **Scorer**: {scorer}.",
+            f"- **Intervention**: `{intervention}` (flags: {flagged}): {how}; both blocks train on every row and "
+            "nothing is ablated at deployment, as in the baseline.",
+        ]
     return [
         f"- **Sensor**: {sensor}.",
         f"- **Scorer**: {scorer}.",
@@ -122,8 +140,8 @@ def card_section(
         else ""
     )
     artefact = (
-        "both blocks as one stock rank-2r LoRA: the baseline routes nothing, so its deployed model is the full model"
-        if arm == "baseline"
+        "both blocks as one stock rank-2r LoRA: the arm ablates nothing, so its deployed model is the full model"
+        if deploys_full(config)
         else "the deployed block only, as a stock PEFT LoRA: the quarantine block is ablated (left out)"
     )
     base_path = config["model"]["model_name_or_path"]

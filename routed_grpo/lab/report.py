@@ -46,11 +46,12 @@ DIRECTION = (  # column, metrics key (mean over training), held-out key (mean ov
 FINAL_REWARD_STEPS = 5  # the final training reward: mean of the last this many logged steps
 COLLAPSE_FULL_COMPILE = 0.1
 COLLAPSE_RULE = (
-    f"a run is collapsed when training broke: its final training reward (mean of the last {FINAL_REWARD_STEPS} "
-    "logged steps) is below the run's compile reward (0.5 by default: less than rollouts that all compile but "
-    "never pass would earn), or its full model (both blocks on, the policy training produced) compiles on fewer than "
-    f"{COLLAPSE_FULL_COMPILE:.0%} of held-out samples. A deployed model that no longer compiles while the full "
-    "model does is a result about the method, not a collapse"
+    "a run is collapsed when training broke: its final training reward (what the environment paid, before any "
+    f"penalty or screening: mean of the last {FINAL_REWARD_STEPS} logged steps) is below the run's compile reward "
+    "(0.5 by default: less than rollouts that all compile but never pass would earn), or its full model (both "
+    f"blocks on, the policy training produced) compiles on fewer than {COLLAPSE_FULL_COMPILE:.0%} of held-out "
+    "samples. A deployed model that no longer compiles while the full model does is a result about the method, not "
+    "a collapse"
 )
 
 
@@ -76,7 +77,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
 def arm_name(config: dict[str, Any], study: dict[str, Any]) -> str:
     """The row name of a run: its study spec (e.g. `routed@cap=4`), or its arm; a routed run whose
     `mismatch_ratio_cap` differs from today's default says so, so rows of runs made before a default changed
-    cannot pass for today's default."""
+    cannot pass for today's default, and so does a run whose intervention is not `route`."""
     from routed_grpo.config import RoutedGRPOConfig
 
     name = study.get("spec", {}).get("name", config["arm"])
@@ -84,6 +85,9 @@ def arm_name(config: dict[str, Any], study: dict[str, Any]) -> str:
     cap = config.get("training", {}).get("mismatch_ratio_cap", default)
     if config["arm"] != "baseline" and cap != default and "cap=" not in name:
         name += f"@cap={cap}"
+    iv = config.get("training", {}).get("intervention", "route")
+    if iv != "route" and "intervention=" not in name:
+        name += ("," if "@" in name else "@") + f"intervention={iv}"
     return name
 
 
@@ -108,7 +112,8 @@ def summarise_run(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{eval_path}: missing; run `routed-grpo eval {run_dir}` first")
     study = json.loads((run_dir / "study.json").read_text()) if (run_dir / "study.json").is_file() else {}
     metrics = read_jsonl(run_dir / "metrics.jsonl")
-    rewards = [m["reward"] for m in metrics if "reward" in m]
+    # what the environment paid (`env_reward`, before a penalty or screen; runs made before it was logged: `reward`)
+    rewards = [m.get("env_reward", m.get("reward")) for m in metrics if "reward" in m]
     step_times = sorted(m["step_time"] for m in metrics if "step_time" in m)
     routed = config["arm"] != "baseline"
     evaluation = json.loads(eval_path.read_text())
@@ -191,6 +196,11 @@ def render_with_data(
         "## Paired comparisons",
         tables.comparison_table(comps),
         tables.COMPARISON_NOTE,
+    ]
+    interventions, intervention_data = tables.intervention_section(groups)
+    if interventions:
+        parts += ["## The same flags, three interventions", interventions]
+    parts += [
         "## Seed spread against evaluation noise",
         tables.noise_table(groups),
         tables.NOISE_NOTE,
@@ -207,6 +217,7 @@ def render_with_data(
         "missing_placebo": missing,
         "collapse_rule": COLLAPSE_RULE,
         "dropped_columns": [{"column": c, "value": v} for c, v in dropped],
+        "interventions": intervention_data,
     }
     return "\n\n".join(p for p in parts if p) + "\n", data
 

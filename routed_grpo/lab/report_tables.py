@@ -245,3 +245,68 @@ def verdict_text(lines: Sequence[str], missing: Sequence[str]) -> str:
     if missing:
         text += "\n\n" + "\n".join(f"- {m}." for m in missing)
     return text
+
+
+# ---- scorer x intervention -----------------------------------------------------------------------------------------
+INTERVENTION_NOTE = (
+    "Rows: the flags (the scorer with its variants); columns: what a flagged rollout does. `route` is the method "
+    "(zones and masks, the quarantine ablated at deployment); `penalty` lowers a flagged rollout's reward before the "
+    "advantages; `screen` drops it from the loss and its group's mean. `penalty` and `screen` train both blocks on "
+    "every row and deploy the full model, as the baseline does. Each cell: mean over seeds with a 95% t interval "
+    "over seeds. Route minus X: paired by seed, with the test and intervals of the paired comparisons above (all "
+    "seeds); a negative hack and a positive solve difference favour routing."
+)
+
+
+def split_intervention(arm: str) -> tuple[str, str]:
+    """`labels@recall=0.7,intervention=penalty` -> (`labels@recall=0.7`, `penalty`); no intervention: `route`."""
+    from routed_grpo.ladder import INTERVENTIONS
+
+    base, _, rest = arm.partition("@")
+    keep, iv = [], "route"
+    for part in filter(None, rest.split(",")):
+        key, _, val = part.partition("=")
+        if key == "intervention" and val in INTERVENTIONS:
+            iv = val
+        else:
+            keep.append(part)
+    return base + ("@" + ",".join(keep) if keep else ""), iv
+
+
+def _mean_ci(rows: Sequence[Row], mode: str, key: str) -> str:
+    ci = t_interval([value(r, mode, key) for r in rows])
+    return num(ci["mean"]) + ("" if ci["lo"] is None else f" [{ci['lo']:.2f}, {ci['hi']:.2f}]")
+
+
+def intervention_section(groups: dict[str, list[Row]]) -> tuple[str | None, dict[str, Any]]:
+    """(markdown of the scorer x intervention table and the route-minus-X comparisons, their report.json data);
+    (None, {}) when no flags are applied by more than one intervention."""
+    from routed_grpo.lab.verdict import compare
+    from routed_grpo.ladder import INTERVENTIONS
+
+    cells: dict[str, dict[str, str]] = {}  # scorer -> intervention -> arm
+    for arm, rows in groups.items():
+        if rows[0]["base_arm"] != "baseline":
+            scorer, iv = split_intervention(arm)
+            cells.setdefault(scorer, {})[iv] = arm
+    if not any(len(ivs) > 1 for ivs in cells.values()):
+        return None, {}
+    present = [iv for iv in INTERVENTIONS if any(iv in ivs for ivs in cells.values())]
+    head = ["flags"] + [f"{iv}: deployed {m}" for iv in present for m in ("hack", "solve")]
+    body, comps = [], []
+    for scorer, ivs in cells.items():
+        row = [title(groups[next(iter(ivs.values()))]).replace(next(iter(ivs.values())), scorer)]
+        for iv in present:
+            rows = groups.get(ivs.get(iv, ""), [])
+            row += [_mean_ci(rows, "deploy", k) if rows else "-" for k in ("hack_strict", "correct")]
+        body.append(row)
+        if "route" in ivs:
+            comps += [compare(groups, ivs["route"], ivs[iv]) for iv in present if iv != "route" and iv in ivs]
+    diff_head = ["route minus", "deployed hack", "deployed solve", "seeds"]
+    diff_body = [
+        [f"{c['reference']}", *[fmt_diff(c["metrics"][label]["all"]) for label, _, _ in METRICS],
+         str(c["metrics"]["deployed hack"]["all"]["n"])]
+        for c in comps
+    ]  # fmt: skip
+    text = _table(head, body) + "\n\n" + (_table(diff_head, diff_body) + "\n\n" if comps else "") + INTERVENTION_NOTE
+    return text, {"table": {s: dict(ivs) for s, ivs in cells.items()}, "route_minus": comps}
