@@ -52,6 +52,7 @@ class Scorer:
     trainer's gate holds (None: the config's `v_act` or placebo)."""
 
     diagnostic: ClassVar[bool] = False  # True: reads ground truth; accepted only with routing="diagnostic"
+    uses_gate: ClassVar[bool] = False  # True: flags by the gate's buffer quantiles (the trainer keeps the buffer)
     direction: Tensor | None = None
 
     def flag(self, trainer: RoutedGRPOTrainer, acts: Tensor, rollouts: RolloutsFn) -> GateDecision:
@@ -60,6 +61,8 @@ class Scorer:
 
 class DirectionScorer(Scorer):
     """The label-free gate over a direction at the sensor: the trainer's `gate.step(acts)`, nothing else."""
+
+    uses_gate = True
 
     def __init__(self, direction: Tensor | None = None):
         self.direction = direction

@@ -152,7 +152,7 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
             self.gate = Gate(
                 self._initial_vact(),
                 args.route_tail_q,
-                buffer_capacity(args, self.adapter),
+                buffer_capacity(args, self.adapter) if self.scorer.uses_gate else 1,  # 1: the buffer is never read
                 self.accelerator,
                 self.accelerator.device,
                 warmup_rollouts=args.gate_warmup_rollouts,
@@ -237,7 +237,7 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
         if self.gate is None or not self.model.training:
             return super()._generate_and_score_completions(inputs)
         self._maybe_refresh_vact()
-        if not self._buffer_span_checked:
+        if not self._buffer_span_checked and self.scorer.uses_gate:
             self._buffer_span_checked = True
             self._check_buffer_span()
         expected = self._trl_computes_old_logps()

@@ -13,11 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIRS = ("organism", "qwen3_4b")
 ARMS = {
     "organism": ("baseline", "routed", "placebo", "labels", "oracle_direction"),
-    "qwen3_4b": ("baseline", "routed", "placebo"),
+    "qwen3_4b": ("baseline", "routed", "placebo", "monitor"),
 }
 # keys allowed to differ between the arms of one recipe directory; everything else must be equal (same data,
 # model, adapter, reward, seed, optimiser). The DIAGNOSTIC arms add their label source and knobs.
 ARM_KEYS = {"arm", "routing", "vact_pairs_path", "placebo_seed", "output_dir", "measure_train"}
+ARM_KEYS |= {"monitor_model", "monitor_base_url", "monitor_api_key_env", "monitor_concurrency", "monitor_timeout"}
+ARM_KEYS |= {"monitor_threshold", "intervention", "flag_penalty"}
 DIAGNOSTIC_KEYS = {
     "label_source",
     "label_recall",
