@@ -346,3 +346,33 @@ def load_pair_activations(path: str | Path) -> PairActivations:
         return PairActivations(tensors["hack"], tensors["clean"], ids, tags, meta)
     except ActivationsError as e:
         raise ActivationsError(f"{path}: {e}") from None
+
+
+@torch.no_grad()
+def pair_input_differences(adapter: RoutedAdapter, tokenizer: Any, pairs: Sequence[Pair]) -> dict[str, Tensor]:
+    """Per target module, the mean over pairs of `x_hack - x_clean`: its Linear's input mean-pooled over each
+    completion's tokens, in full mode, float32 (d_in,) (the signed adapter init's hack direction, before `unit`)."""
+    sums: dict[str, Tensor] = {}
+    sign = [1.0]
+
+    def hook(name):
+        def read(module, args, out) -> None:
+            if adapter._token_mask is None:
+                return
+            mask = adapter._token_mask.to(args[0].device, torch.float32).unsqueeze(-1)  # (B, T, 1)
+            pooled = (args[0].float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, d_in)
+            sums[name] = sums.get(name, 0.0) + sign[0] * pooled.sum(0).cpu()
+
+        return read
+
+    handles = [  # before the capture hooks: the last of them ends the forward
+        layer.lora_A["deployed"].register_forward_hook(hook(n), prepend=True) for n, layer in adapter.layers.items()
+    ]
+    try:
+        for sign[0], side in ((1.0, "hack"), (-1.0, "clean")):
+            completions = [getattr(p, side) for p in pairs]
+            pooled_completion_activations(adapter, tokenizer, [p.messages() for p in pairs], completions)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: total / len(pairs) for name, total in sums.items()}

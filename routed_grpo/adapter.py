@@ -51,6 +51,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
 from routed_grpo import unscaled_lora
+from routed_grpo.initial import InitialCopies
 from routed_grpo.sensing import DEPLOYED, QUARANTINE, SensorCapture
 from routed_grpo.sensor import Sensor
 from routed_grpo.utils import atomic_path
@@ -65,8 +66,11 @@ def attach_routed_adapter(
     alpha: float | None = None,
     targets: Sequence[str] = DEFAULT_TARGETS,
     init_seed: int = 0,
+    init: str = "random",
+    hack_in: dict[str, torch.Tensor] | None = None,
 ) -> RoutedAdapter:
-    """Wrap `model` in a PeftModel with the deployed and quarantine blocks, both active and trainable."""
+    """Wrap `model` in a PeftModel with the deployed and quarantine blocks, both active and trainable; `init`:
+    `random` (PEFT's geometry) or the SVD-space inits of routed_grpo.svd_init (`hack_in` for the signed ones)."""
     if rank < 1:
         raise ValueError(f"adapter rank must be >= 1, got {rank}")
     config = LoraConfig(
@@ -83,10 +87,12 @@ def attach_routed_adapter(
     adapter = RoutedAdapter(peft_model, init_seed=init_seed)
     adapter.reinitialise(DEPLOYED)
     adapter.reinitialise(QUARANTINE)
+    if init != "random":
+        adapter.set_initial(init, adapter.compute_initial(init, hack_in))
     return adapter
 
 
-FINGERPRINT_PARTS = ("seed", "rank", "targets", "module_shapes", "base_weights")
+FINGERPRINT_PARTS = ("seed", "rank", "targets", "init", "module_shapes", "base_weights")
 BASE_SAMPLES = 16  # sampled entries per sampled base weight
 TINY = 2.0**-14  # smallest normal float16: sampled values below it are flushed to 0
 BF16_RTOL = 2.0**-7  # one bf16 ulp, relative: a float16 load rounded to bf16 can differ by this much
@@ -128,7 +134,7 @@ class _ZeroGradRows(torch.autograd.Function):
         return torch.where(rows, 0.0, grad), None
 
 
-class RoutedAdapter(SensorCapture):
+class RoutedAdapter(InitialCopies, SensorCapture):
     """Handle on a PeftModel that carries the two blocks: masks, modes, capture (`SensorCapture`), export."""
 
     def __init__(self, peft_model: PeftModel, init_seed: int = 0):
@@ -159,8 +165,12 @@ class RoutedAdapter(SensorCapture):
         self._stop = False  # capture(stop=True): end the forward once every sensor site is captured
         self._sink = None  # callable(name, (B, L, width) reading) while streaming
         self._sink_wanted = None  # callable() -> bool: whether the sink wants this forward
-        self._initial: dict[str, dict[str, torch.Tensor]] = {}  # DEPLOYED -> name -> initial A (float32)
+        self._initial: dict[str, dict[str, tuple]] = {}  # block -> name -> initial (A0, B0 or None), float32
+        self._initial_a: dict[str, torch.Tensor] | None = None  # name -> initial A_dep (float32), cached
         self._initial_on: dict[str, torch.Tensor] = {}  # initial A_dep on the device/dtype it is read in
+        self._frozen_on: dict[tuple, tuple] = {}  # (block, name) -> (A0, B0) on the device/dtype of the block
+        self._frozen_h0: dict[tuple, torch.Tensor] = {}  # (block, name) -> A0 x of the current forward
+        self._frozen_handles: list = []
         self._handles = []
         for layer in self.layers.values():
             self._handles.append(layer.lora_A[QUARANTINE].register_forward_hook(self._quarantine_bottleneck_hook))
@@ -193,11 +203,15 @@ class RoutedAdapter(SensorCapture):
 
     @torch.no_grad()
     def reinitialise(self, block: str) -> None:
-        """Set `block` to its seeded initial value: `A` uniform(+-1/sqrt(d_in)) from a name-keyed seed, `B = 0`."""
-        initial = self.initial_A(block)
-        for name, layer in self.layers.items():
-            layer.lora_A[block].weight.copy_(initial[name])  # cast to the weight's dtype and device
-            layer.lora_B[block].weight.zero_()
+        """Set `block` to its initial value (`initial_factors`): by default `A` uniform(+-1/sqrt(d_in)) from a
+        name-keyed seed and `B = 0`; with an SVD-space init its `(A0, B0)`."""
+        for name, (a0, b0) in self.initial_factors(block).items():
+            layer = self.layers[name]
+            layer.lora_A[block].weight.copy_(a0)  # cast to the weight's dtype and device
+            if b0 is None:
+                layer.lora_B[block].weight.zero_()
+            else:
+                layer.lora_B[block].weight.copy_(b0)
 
     def reset_quarantine(self) -> None:
         """Deployment ablation on the weights: the quarantine block returns to its initial value (net delta 0)."""
@@ -219,6 +233,7 @@ class RoutedAdapter(SensorCapture):
             "seed": self.init_seed,
             "rank": self.rank,
             "targets": list(self.targets),
+            "init": self.fingerprint_init(),
             "module_shapes": _digest("\n".join(shapes).encode()),
             "base_weights": _digest(floats.numpy().tobytes() + raw),
             "base_sample": [float(x) for x in floats],
@@ -274,7 +289,8 @@ class RoutedAdapter(SensorCapture):
         on, detach = m.detach() != 0, d.detach() != 0
         self._row_m = None if bool(on.all()) else on.view(-1, 1, 1)
         self._row_d = detach.view(-1, 1, 1) if bool(detach.any()) else None
-        self._row_m_at_output = self._row_m is not None and not self._quarantine_finite()
+        # at the output when the quarantine's B0 is subtracted (a zeroed A_q x would leave -B0 A0 x) or B is not finite
+        self._row_m_at_output = self._row_m is not None and (self.subtracted or not self._quarantine_finite())
 
     def clear_row_masks(self) -> None:
         self._row_m = self._row_d = self._rows_n = None
@@ -351,12 +367,22 @@ class RoutedAdapter(SensorCapture):
 
     # ---- export ---------------------------------------------------------------------------------------------------
     def export_deployed(self, out_dir: str | Path) -> Path:
-        """Save the deployed block as a stock PEFT LoRA adapter (`PeftModel.from_pretrained(base, out_dir)`)."""
+        """Save the deployed block as a stock PEFT LoRA adapter (`PeftModel.from_pretrained(base, out_dir)`); with
+        subtracted copies, folded: `A = [A; A0]`, `B = [B, -B0]`, rank 2r, alpha doubled (the same scaling)."""
+        return self.export_lora(out_dir, (DEPLOYED,))
+
+    def export_lora(self, out_dir: str | Path, blocks: tuple[str, ...]) -> Path:
+        """Save `blocks` as ONE stock PEFT LoRA whose delta is theirs (`folded_state`): the deployed block alone, or
+        both (the full model, for arms that deploy it)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(self.model, adapter_name=DEPLOYED)
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        if blocks == (DEPLOYED,) and not self.subtracted:
+            state, parts = get_peft_model_state_dict(self.model, adapter_name=DEPLOYED), 1
+            state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        else:
+            state, parts = self.folded_state(blocks)
         config = copy.deepcopy(self.model.peft_config[DEPLOYED])
+        config.r, config.lora_alpha = parts * config.r, parts * config.lora_alpha
         config.save_pretrained(str(out_dir))
         with atomic_path(out_dir / "adapter_model.safetensors") as tmp:  # safetensors alone would leave it 0600
             save_file(state, str(tmp), metadata={"format": "pt"})
@@ -366,6 +392,8 @@ class RoutedAdapter(SensorCapture):
         """Save base + deployed delta as a plain transformers checkpoint (a copy of the model is made)."""
         if getattr(self.model.config, "quantization_config", None) is not None:
             raise ValueError("export_merged needs an unquantised base; load the base in full precision first")
+        if self.subtracted:
+            raise ValueError("export_merged with subtracted initial copies: merge the folded export_deployed instead")
         merged = copy.deepcopy(self.model)
         merged.delete_adapter(QUARANTINE)
         merged = merged.merge_and_unload(adapter_names=[DEPLOYED])

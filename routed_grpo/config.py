@@ -7,6 +7,7 @@ from trl import GRPOConfig
 from routed_grpo.adapter import DEFAULT_TARGETS
 from routed_grpo.ladder import DEFAULT_FLAG_PENALTY, INTERVENTIONS, SCORERS
 from routed_grpo.sensor import DEFAULT_SENSOR, parse_sensor
+from routed_grpo.svd_init import INITS
 
 ROUTING_CHOICES = ("vact", "placebo", "monitor", "none", "diagnostic")
 
@@ -89,6 +90,12 @@ class RoutedGRPOConfig(GRPOConfig):
             LoRA alpha of each block; defaults to `adapter_rank` (scaling 1).
         adapter_targets (`list[str]`, *optional*):
             Names of the target Linear modules; defaults to all attention and MLP projections.
+        adapter_init (`str`, *optional*, defaults to `"random"`):
+            The blocks' initial values (routed_grpo.svd_init): `random` (PEFT's: `B = 0`, `A` seeded random) or
+            `svd` (each target weight's top r singular triplets for the deployed block, the next r for the
+            quarantine, PiSSA-scaled, with the frozen initial copies subtracted so the net delta is exactly zero and
+            the base weights untouched); `signed` / `signed_reverse` seed one slot with the pairs'
+            (`vact_pairs_path`) mean input difference, in the quarantine / in the deployed block.
         adapter_init_seed (`int`, *optional*, defaults to `0`):
             Seed of the blocks' initial `A` matrices; `v_act` files record it and must match (except a residual
             sensor's, which does not depend on the adapter).
@@ -149,6 +156,9 @@ class RoutedGRPOConfig(GRPOConfig):
     adapter_targets: list[str] = field(
         default_factory=lambda: list(DEFAULT_TARGETS), metadata={"help": "Target Linear module names."}
     )
+    adapter_init: str = field(
+        default="random", metadata={"help": "Initial blocks: random, svd, signed or signed_reverse."}
+    )
     adapter_init_seed: int = field(default=0, metadata={"help": "Seed of the blocks' initial A matrices."})
     scorer: str | None = field(
         default=None, metadata={"help": "vact, placebo or monitor (replaces routing when set)."}
@@ -205,6 +215,10 @@ class RoutedGRPOConfig(GRPOConfig):
             )
         if self.adapter_rank < 1:
             raise ValueError(f"adapter_rank must be >= 1, got adapter_rank={self.adapter_rank}")
+        if self.adapter_init not in INITS:
+            raise ValueError(f"adapter_init must be one of {INITS}, got adapter_init={self.adapter_init!r}")
+        if self.adapter_init.startswith("signed") and not self.vact_pairs_path:
+            raise ValueError(f"adapter_init={self.adapter_init!r} seeds a slot from the pairs: set vact_pairs_path")
         self.sensor = parse_sensor(self.sensor).spec  # raises naming the field and value; normalises "residual:2+1"
         if self.vact_sampling_mode not in ("deploy", "full"):
             raise ValueError(f"vact_sampling_mode must be 'deploy' or 'full', got {self.vact_sampling_mode!r}")

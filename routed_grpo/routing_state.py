@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from typing import Any
 
 import torch
 from peft import set_peft_model_state_dict
@@ -25,6 +26,7 @@ from trl import GRPOTrainer
 
 from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_routed_adapter
 from routed_grpo.config import RoutedGRPOConfig
+from routed_grpo.initial import INITIAL_FILE
 from routed_grpo.loss import zero_grad_flags
 from routed_grpo.pairs import load_pairs
 from routed_grpo.sensor import parse_sensor
@@ -185,6 +187,8 @@ class RoutingState(GRPOTrainer):
         if self.gate is not None and self.args.should_save:  # identical on every process: one copy
             state = {**self.gate.state_dict(), "sensor": self.adapter.sensor.spec}  # rows are in its coordinates
             torch.save(state, os.path.join(folder, GATE_FILE))
+        if self.args.should_save:
+            self.adapter.save_initial(folder)  # subtracted initial copies: PEFT's state holds only A and B
         # The parent's PEFT save already wrote `folder/deployed/`: a stock LoRA adapter of the deployed block.
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -199,6 +203,14 @@ class RoutingState(GRPOTrainer):
                 raise FileNotFoundError(f"{path}: the checkpoint has no '{block}' block")
             set_peft_model_state_dict(self.adapter.model, load_file(path), adapter_name=block)
         self.adapter.model.base_model.set_adapter([DEPLOYED, QUARANTINE])
+        initial = os.path.join(resume_from_checkpoint, INITIAL_FILE)
+        if self.adapter.subtracted != os.path.exists(initial):
+            raise ValueError(
+                f"{resume_from_checkpoint}: adapter_init={self.args.adapter_init!r} but the checkpoint "
+                f"{'has no' if self.adapter.subtracted else 'has'} {INITIAL_FILE}; resume with the run's adapter_init"
+            )
+        if self.adapter.subtracted:
+            self.adapter.load_initial(initial)  # the factors training used, not a recomputation
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -228,8 +240,9 @@ class RoutingState(GRPOTrainer):
             self.gate.route_tail_q = self.args.route_tail_q  # the config, not the checkpoint, sets the tail mass
 
 
-def routed_adapter(model, args: RoutedGRPOConfig) -> RoutedAdapter:
-    """Load `model` if it is an id, then attach the two blocks (or reuse them if the model already has them)."""
+def routed_adapter(model, args: RoutedGRPOConfig, tokenizer: Any = None) -> RoutedAdapter:
+    """Load `model` if it is an id, then attach the two blocks (or reuse them if the model already has them), at
+    `adapter_init` (the signed inits read the pairs with `tokenizer`)."""
     if isinstance(model, str):
         model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
     peft_config = getattr(model, "peft_config", None)
@@ -242,9 +255,25 @@ def routed_adapter(model, args: RoutedGRPOConfig) -> RoutedAdapter:
         adapter = attach_routed_adapter(
             model, args.adapter_rank, args.adapter_alpha, args.adapter_targets, args.adapter_init_seed
         )
+        if args.adapter_init != "random":
+            hack_in = hack_inputs(adapter, args, tokenizer)
+            adapter.set_initial(args.adapter_init, adapter.compute_initial(args.adapter_init, hack_in))
+            adapter.broadcast_initial()  # every rank takes rank 0's factors
     if adapter.sensor.spec != parse_sensor(args.sensor).spec:
         adapter.use_sensor(args.sensor)
     return adapter
+
+
+def hack_inputs(adapter: RoutedAdapter, args: RoutedGRPOConfig, tokenizer: Any) -> dict[str, torch.Tensor] | None:
+    """The signed inits' hack direction per module, from the pairs only (None for svd)."""
+    if not args.adapter_init.startswith("signed"):
+        return None
+    if tokenizer is None:
+        raise ValueError(f"adapter_init={args.adapter_init!r} reads the pairs: pass processing_class= (a tokenizer)")
+    from routed_grpo.activations import pair_input_differences
+
+    pairs = load_pairs(args.vact_pairs_path, tags=args.vact_pairs_tags, exclude_tags=args.vact_pairs_exclude_tags)
+    return pair_input_differences(adapter, tokenizer, pairs)
 
 
 @contextlib.contextmanager

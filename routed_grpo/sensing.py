@@ -7,7 +7,7 @@
   decoder layer's output (`residual:L`);
 - `capture` (one forward, pooled over a token mask, optionally cut short once every site is captured),
   `stream_capture` (every forward to a sink, as the sampling pass pools while `generate` samples) and `pooled`;
-- `initial_A`: a block's seeded initial `A`, recomputed from the seed (the frozen initial copy), and
+- `initial_A`: a block's initial `A` (the frozen initial copy; routed_grpo.initial holds the factors), and
   `deployed_drift`: how far `A_dep` has moved from it.
 Not covered: masks, modes, fingerprints and export (routed_grpo.adapter).
 """
@@ -15,8 +15,6 @@ Not covered: masks, modes, fingerprints and export (routed_grpo.adapter).
 from __future__ import annotations
 
 import contextlib
-import math
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,26 +38,18 @@ def _hidden(args, out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out  # a decoder layer's hidden state (older transformers: a tuple)
 
 
-def _module_seed(init_seed: int, block: str, name: str) -> int:
-    return zlib.crc32(f"{init_seed}:{block}:{name}".encode())
-
-
 class SensorCapture:
     """Mixin of `RoutedAdapter`: sensor capture hooks and the frozen initial copy of `A_dep`."""
 
     def initial_A(self, block: str) -> dict[str, torch.Tensor]:
-        """`{module name: A}` of `block` at its seeded initial value (float32), recomputed from the seed: the frozen
-        initial copy, whatever the block's weights hold now. The deployed block's is cached (the `bottleneck_init`
-        sensor and the drift metric read it every batch); the quarantine's is recomputed at each reset."""
-        if block in self._initial:
-            return self._initial[block]
-        out = {}
-        for name, layer in self.layers.items():
-            shape = layer.lora_A[block].weight.shape
-            gen = torch.Generator().manual_seed(_module_seed(self.init_seed, block, name))
-            out[name] = (torch.rand(shape, generator=gen) * 2 - 1).mul_(1.0 / math.sqrt(shape[1]))
+        """`{module name: A0}` of `block` (float32): the frozen initial copy, whatever the block's weights hold now
+        (`initial_factors` of routed_grpo.initial: seeded, or in the SVD basis). The deployed block's is cached (the
+        `bottleneck_init` sensor and the drift metric read it every batch)."""
+        if block == DEPLOYED and self._initial_a is not None:
+            return self._initial_a
+        out = {name: a0 for name, (a0, _) in self.initial_factors(block).items()}
         if block == DEPLOYED:
-            self._initial[block] = out
+            self._initial_a = out
         return out
 
     @torch.no_grad()

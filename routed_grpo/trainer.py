@@ -121,7 +121,7 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
             )
         if kw.get("peft_config") is not None:
             raise ValueError("peft_config is not accepted: RoutedGRPOTrainer attaches its own two-block adapter")
-        self.adapter = routed_adapter(model, args)
+        self.adapter = routed_adapter(model, args, kw.get("processing_class"))
         with without_trl_kl_reference(args):
             super().__init__(self.adapter.model, reward_funcs, args, *pos, **kw)
         self.beta = args.beta

@@ -2,7 +2,8 @@
 
 vLLM cannot apply per-row quarantine masks, so each sampling mode gets its own weights and its own `generate` call:
 - `mode_weights(adapter, mode)`: the merged weights vLLM must hold to sample in `mode`, under the names vLLM
-  expects: `W + s B_dep A_dep` for `deploy`, plus `s B_q A_q` for `full` (PEFT's `get_delta_weight`), computed out
+  expects: `W + s B_dep A_dep` for `deploy`, plus `s B_q A_q` for `full` (PEFT's `get_delta_weight`, less the
+  subtracted initial copies' `s B0 A0` with an SVD-space `adapter_init`: `RoutedAdapter.delta_weight`), computed out
   of place, one tensor at a time (PEFT's merge state is never touched).
 - `rows_by_mode(full)`: the row indices of each mode, in batch order.
 - `PerModeGeneration`: installed on TRL's `VLLMGeneration`, whose weight iterator then yields the current mode's
@@ -45,16 +46,16 @@ def mode_weights(adapter: RoutedAdapter, mode: str) -> Iterator[tuple[str, Tenso
         raise ValueError(f"sampling mode must be 'deploy' or 'full', got {mode!r}")
     if getattr(adapter.model.config, "quantization_config", None) is not None:
         raise ValueError("vLLM generation per sampling mode needs an unquantised base (merging into 4/8-bit weights)")
-    layer_of = {id(layer.get_base_layer().weight): layer for layer in adapter.layers.values()}
+    module_of = {id(layer.get_base_layer().weight): name for name, layer in adapter.layers.items()}
     for name, param in adapter.model.named_parameters():
         if ".lora_" in name:
             continue
-        layer = layer_of.get(id(param))
-        if layer is None:
+        module = module_of.get(id(param))
+        if module is None:
             yield vllm_name(name), param.data
             continue
         with torch.no_grad():
-            delta = sum(layer.get_delta_weight(block) for block in MODE_BLOCKS[mode])
+            delta = sum(adapter.delta_weight(module, block) for block in MODE_BLOCKS[mode])
             yield vllm_name(name), param.data + delta.to(param.dtype)
 
 

@@ -169,10 +169,11 @@ def test_oracle_trainer_uses_the_given_direction_in_the_gate(tmp_path):
     torch.testing.assert_close(t.gate.vact.cpu(), direction)
 
 
-@pytest.mark.parametrize("routing", ["vact", "placebo"])
-def test_method_arms_never_reach_label_code(tmp_path, monkeypatch, routing):
+@pytest.mark.parametrize("routing, init", [("vact", "random"), ("placebo", "random"), ("placebo", "signed")])
+def test_method_arms_never_reach_label_code(tmp_path, monkeypatch, routing, init):
     """I8 for the arms of the method: with every label function of the environment and every function of the
-    DIAGNOSTIC module made to raise, routed and placebo still train, and neither module gets imported."""
+    DIAGNOSTIC module made to raise, routed and placebo still train (the signed adapter init reads the pairs only),
+    and neither module gets imported."""
     for name in [n for n in dir(diagnostic) if callable(getattr(diagnostic, n)) and not n[0].isupper()]:
         monkeypatch.setattr(diagnostic, name, _forbidden(f"routed_grpo.lab.diagnostic.{name}"))
     import sandbox.labels as labels
@@ -180,8 +181,9 @@ def test_method_arms_never_reach_label_code(tmp_path, monkeypatch, routing):
     for name in ("label_many", "label_completion", "with_run_tests"):
         monkeypatch.setattr(labels, name, _forbidden(f"sandbox.labels.{name}"))
     monkeypatch.setattr(labels.MeasurementLabeler, "__call__", _forbidden("MeasurementLabeler"))
-    extra = {"vact_pairs_path": str(PAIRS)} if routing == "vact" else {}
-    t = trainer(tmp_path, routing=routing, max_steps=1, **extra)
+    extra = {"vact_pairs_path": str(PAIRS)} if routing == "vact" or init != "random" else {}
+    t = trainer(tmp_path, routing=routing, max_steps=1, adapter_init=init, **extra)
+    assert t.adapter.adapter_init == init
     t.train()
     assert "routing/zone_frac/route" in t.state.log_history[0]
 

@@ -17,7 +17,7 @@ from trl import GRPOTrainer
 from routed_grpo.adapter import RoutedAdapter, attach_routed_adapter
 from routed_grpo.lab.diagnostic import ORACLE_FILE, LabelScorer, OracleDirectionScorer
 from routed_grpo.lab.evaluation import evaluate_run
-from routed_grpo.lab.experiment import export_full_as_lora, parse_recipe, run_experiment
+from routed_grpo.lab.experiment import parse_recipe, run_experiment
 from routed_grpo.lab.report import write_report
 from routed_grpo.ladder import DirectionScorer
 from routed_grpo.trainer import RoutedGRPOTrainer
@@ -181,9 +181,11 @@ def test_run_deployed_export_loads_in_stock_peft(runs, arm):
     torch.testing.assert_close(_logits(stock.eval(), ids), want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("init", ["random", "svd"])
 @pytest.mark.parametrize("full", [True, False])
-def test_exports_reproduce_deployed_or_full_model(tmp_path, full):
-    """With both blocks moved: export_full_as_lora == full model, export_deployed == quarantine ablated."""
+def test_exports_reproduce_deployed_or_full_model(tmp_path, full, init):
+    """With both blocks moved: the export of both blocks == full model, export_deployed == quarantine ablated, in
+    stock PEFT (with svd: folded, the subtracted initial copies as extra rank)."""
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=64,
@@ -194,15 +196,16 @@ def test_exports_reproduce_deployed_or_full_model(tmp_path, full):
         num_key_value_heads=2,
     )  # tiny: logits in milliseconds
     Qwen2ForCausalLM(config).save_pretrained(tmp_path / "base")
-    adapter = attach_routed_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), rank=2, alpha=4)
+    base_model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    adapter = attach_routed_adapter(base_model, rank=2, alpha=4, init=init)
     with torch.no_grad():
         for name, p in adapter.model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.5)
+                p.add_(torch.randn_like(p) * 0.5)
     model = adapter.model.eval()
     ids = torch.tensor([[1, 5, 9, 33, 60]])
     if full:
-        export_full_as_lora(adapter, tmp_path / "export")
+        adapter.export_lora(tmp_path / "export", ("deployed", "quarantine"))
         want = _logits(model, ids)
     else:
         adapter.export_deployed(tmp_path / "export")
@@ -213,6 +216,7 @@ def test_exports_reproduce_deployed_or_full_model(tmp_path, full):
     assert not torch.allclose(want, _logits(base, ids), atol=1e-4)
     stock = PeftModel.from_pretrained(base, str(tmp_path / "export")).eval()
     torch.testing.assert_close(_logits(stock, ids), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_logits(stock.merge_and_unload(), ids), want, atol=1e-5, rtol=1e-4)
 
 
 def test_eval_and_compare(runs, tmp_path):

@@ -95,9 +95,11 @@ def load_adapter(
     device: str,
     dtype: str,
     sensor: str | None = None,
+    init: str = "random",
 ) -> tuple[Any, Any, str]:
     """(adapter, tokenizer, dtype name) for a local model directory or a hub id, reading `sensor` (None: the
-    default, `bottleneck`); `dtype="auto"` keeps the checkpoint's own stored dtype."""
+    default, `bottleneck`), at adapter init `init` (`random` or `svd`); `dtype="auto"` keeps the checkpoint's own
+    stored dtype."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -113,9 +115,9 @@ def load_adapter(
     lm.to(device_name(device))
     loaded = str(next(lm.parameters()).dtype).removeprefix("torch.")
     try:
-        adapter = attach_routed_adapter(lm, rank=rank, alpha=alpha, targets=targets, init_seed=init_seed)
+        adapter = attach_routed_adapter(lm, rank=rank, alpha=alpha, targets=targets, init_seed=init_seed, init=init)
     except ValueError as e:
-        fail(f"cannot attach the adapter (rank {rank}, targets {targets}): {e}")
+        fail(f"cannot attach the adapter (rank {rank}, targets {targets}, init {init}): {e}")
     try:
         adapter.use_sensor(sensor)
     except ValueError as e:

@@ -228,11 +228,9 @@ def build_diagnostic_trainer(script, training, model, tokenizer, train_dataset, 
         return RoutedGRPOTrainer(model, reward, training, **common, measure_fn=measure_fn, scorer=scorer)
     if script.arm != "oracle_direction":
         raise ValueError(f"not a DIAGNOSTIC arm: {script.arm!r}")
-    from routed_grpo.adapter import attach_routed_adapter
+    from routed_grpo.routing_state import routed_adapter
 
-    adapter = attach_routed_adapter(
-        model, training.adapter_rank, training.adapter_alpha, training.adapter_targets, training.adapter_init_seed
-    )
+    adapter = routed_adapter(model, training, tokenizer)  # at the run's adapter_init
     adapter.use_sensor(training.sensor)  # the direction is fit at the sensor the gate will read
     direction, info = fit_oracle_direction(
         adapter, tokenizer, read_rollouts(script.oracle_rollouts), script.oracle_label, seed=training.seed

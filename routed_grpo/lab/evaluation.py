@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter
+from routed_grpo.initial import INITIAL_FILE
 from routed_grpo.utils import atomic_write_text, batched, encode_prompt, progress_bar
 from sandbox.labels import LABEL_KEYS, Labels, label_many
 from sandbox.problems import Problem, load_jsonl
@@ -173,6 +174,11 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[RoutedAdap
         model.to(device)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(final))
     adapter = RoutedAdapter.of(model, init_seed=int(config["training"]["adapter_init_seed"]))
+    init = config["training"].get("adapter_init", "random")
+    if init != "random":  # the frozen initial copies training subtracted, saved beside the blocks
+        if not (final / INITIAL_FILE).is_file():
+            raise FileNotFoundError(f"{final / INITIAL_FILE}: missing, but the run used adapter_init={init!r}")
+        adapter.load_initial(final / INITIAL_FILE)
     return adapter, tokenizer, config
 
 

@@ -36,12 +36,13 @@ import torch
 import yaml
 from trl import GRPOTrainer, ModelConfig, TrlParser
 
-from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter, attach_routed_adapter
+from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter
 from routed_grpo.config import RoutedGRPOConfig
 from routed_grpo.lab import ORGANISM_PAIRS
 from routed_grpo.lab.callbacks import HeldoutMeasurement, MetricsJSONL, use_console
 from routed_grpo.lab.evaluation import deploys_full, plain
 from routed_grpo.lab.model_card import write_model_card
+from routed_grpo.routing_state import routed_adapter
 from routed_grpo.trainer import RoutedGRPOTrainer
 from routed_grpo.utils import atomic_write_text
 from routed_grpo.vact import adapter_metadata, save_vact
@@ -264,9 +265,7 @@ def build_trainer(script, training, model, tokenizer, train_dataset, train_probl
                 "trainer does not. Use weight_decay 0 for a like-for-like comparison.",
                 training.weight_decay,
             )
-        adapter = attach_routed_adapter(
-            model, training.adapter_rank, training.adapter_alpha, training.adapter_targets, training.adapter_init_seed
-        )
+        adapter = routed_adapter(model, training, tokenizer)  # the two blocks at adapter_init; nothing routes
         trainer = GRPOTrainer(
             adapter.model, reward, args=training, train_dataset=train_dataset, processing_class=tokenizer
         )
@@ -320,28 +319,6 @@ def resolved_config(script, training, model_args) -> dict[str, Any]:
     return out
 
 
-def export_full_as_lora(adapter: RoutedAdapter, out_dir: Path) -> Path:
-    """Both blocks as ONE stock PEFT LoRA of rank 2r: A = [A_dep; A_q], B = [B_dep, B_q], alpha doubled (same
-    scaling), so its delta equals the full model's. Used for the baseline, whose deployed model is the full model."""
-    import copy
-
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    dep = get_peft_model_state_dict(adapter.model, adapter_name=DEPLOYED)
-    quar = get_peft_model_state_dict(adapter.model, adapter_name=QUARANTINE)
-    state = {}
-    for key, a in dep.items():
-        dim = 0 if "lora_A" in key else 1  # A: (r, d_in) stacks rows; B: (d_out, r) stacks columns
-        state[key] = torch.cat([a, quar[key]], dim=dim).detach().cpu().contiguous()
-    config = copy.deepcopy(adapter.model.peft_config[DEPLOYED])
-    config.r, config.lora_alpha = 2 * config.r, 2 * config.lora_alpha
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out_dir))
-    save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return out_dir
-
-
 def save_outputs(trainer, adapter: RoutedAdapter, tokenizer, run_dir: Path, full: bool) -> None:
     """`final/` (both blocks + tokenizer) and `deployed/` (stock PEFT; `full`, the baseline and the penalty and
     screen interventions: both blocks as one LoRA)."""
@@ -349,10 +326,9 @@ def save_outputs(trainer, adapter: RoutedAdapter, tokenizer, run_dir: Path, full
         return
     adapter.model.save_pretrained(str(run_dir / "final"))
     tokenizer.save_pretrained(str(run_dir / "final"))
-    if full:
-        export_full_as_lora(adapter, run_dir / "deployed")
-    else:
-        adapter.export_deployed(run_dir / "deployed")
+    adapter.save_initial(run_dir / "final")  # subtracted initial copies (an SVD-space adapter_init) beside the blocks
+    # both blocks as ONE stock LoRA (rank 2r, or 4r folded with subtracted copies), or the deployed block alone
+    adapter.export_lora(run_dir / "deployed", (DEPLOYED, QUARANTINE) if full else (DEPLOYED,))
 
 
 def run_experiment(script: ExperimentArguments, training: RoutedGRPOConfig, model_args: ModelConfig):

@@ -144,6 +144,12 @@ def card_section(
         if deploys_full(config)
         else "the deployed block only, as a stock PEFT LoRA: the quarantine block is ablated (left out)"
     )
+    init = t.get("adapter_init", "random")
+    if init != "random":
+        artefact += (
+            f" (adapter_init `{init}`: each block's frozen initial copy is folded in as extra rank, `A = [A; A0]`, "
+            "`B = [B, -B0]`, so stock PEFT loads and merges it; `final/routed_init.safetensors` holds the copies)"
+        )
     base_path = config["model"]["model_name_or_path"]
     load = (
         "```python\nfrom peft import PeftModel\n"
@@ -162,7 +168,7 @@ def card_section(
         f"- **Arm**: `{arm}`"
         + (f" (study arm spec `{spec}`)" if spec and spec != arm else "")
         + f"; adapter: two LoRA blocks (deployed, quarantine) of rank {t.get('adapter_rank')} on "
-        f"{', '.join(t.get('adapter_targets') or [])}.",
+        f"{', '.join(t.get('adapter_targets') or [])}, initialised `{init}`.",
         *_ladder(config),
         f"- **Artefact to use**: `deployed/`: {artefact}. `final/` holds both blocks (research only).",
         "",

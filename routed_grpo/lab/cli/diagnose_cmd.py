@@ -26,7 +26,8 @@ def _run_adapter_fields(rollouts: Path) -> dict:
     if not config.is_file():
         return {}
     training = (yaml.safe_load(config.read_text()) or {}).get("training", {})
-    return {k: training[k] for k in ("adapter_rank", "adapter_targets", "adapter_init_seed") if k in training}
+    keys = ("adapter_rank", "adapter_targets", "adapter_init_seed", "adapter_init")
+    return {k: training[k] for k in keys if k in training}
 
 
 def _load_blocks(adapter, checkpoint: Path) -> None:
@@ -42,6 +43,10 @@ def _load_blocks(adapter, checkpoint: Path) -> None:
             fail(f"{path}: --checkpoint has no '{block}' block (a checkpoint-N/ or final/ directory of the run)")
         set_peft_model_state_dict(adapter.model, load_file(str(path)), adapter_name=block)
     adapter.model.base_model.set_adapter([DEPLOYED, QUARANTINE])
+    if adapter.subtracted:  # the factors training subtracted, not a recomputation
+        from routed_grpo.initial import INITIAL_FILE
+
+        adapter.load_initial(checkpoint / INITIAL_FILE)
 
 
 def diagnose(
@@ -96,7 +101,8 @@ def diagnose(
     target_list = targets_list(targets) if targets else list(run.get("adapter_targets", DEFAULT_TARGETS))
     init_seed = init_seed if init_seed is not None else run.get("adapter_init_seed", 0)
     loaded = load_pairs(pairs, split(tags), split(exclude_tags))
-    adapter, tokenizer, _ = load_adapter(model, rank, None, target_list, init_seed, device, dtype)
+    init = run.get("adapter_init", "random")
+    adapter, tokenizer, _ = load_adapter(model, rank, None, target_list, init_seed, device, dtype, init=init)
     if checkpoint is not None:
         _load_blocks(adapter, checkpoint)
     n_layers = len(adapter.model.get_base_model().get_decoder().layers)
@@ -120,7 +126,7 @@ def diagnose(
         "rollouts": str(rollouts),
         "model": model,
         "checkpoint": str(checkpoint) if checkpoint else None,
-        "adapter": {"rank": rank, "targets": target_list, "init_seed": init_seed},
+        "adapter": {"rank": rank, "targets": target_list, "init_seed": init_seed, "init": init},
         "mode": mode,
         "n_pairs": len(loaded),
         "sensors": results,
