@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/step_time.py                      # both CPU sizes (minutes on 2 cores)
     OMP_NUM_THREADS=1 python benchmarks/step_time.py --sensor residual:1  # the routed arms read another sensor
+    OMP_NUM_THREADS=1 python benchmarks/step_time.py --adapter-init svd   # the routed arms' blocks in SVD space
     python benchmarks/step_time.py --sizes qwen2-0.5b --bf16 --quant4 both  # the GPU check (benchmarks/gpu_check.sh)
 
 All arms run in this one process on the same model weights, tokenizer, prompts and seed; each round builds a fresh
@@ -146,6 +147,7 @@ def make_trainer(arm: str, size: Size, state: dict, tokenizer, data, steps: int,
         temperature=1.0,
         disable_tqdm=True,
         sensor=opts.sensor,
+        adapter_init="random" if frac is None else opts.adapter_init,
     )
     common = dict(reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer)
     if frac is None:
@@ -338,6 +340,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights and autocast (GPU)")
     parser.add_argument("--quant4", action="store_true", help="4-bit NF4 base via bitsandbytes")
     parser.add_argument("--sensor", default="bottleneck", help="the routed arms' sensor, e.g. residual:1")
+    parser.add_argument("--adapter-init", default="random", help="the routed arms' adapter_init: random or svd")
     opts = parser.parse_args()
     import torch
 
@@ -349,7 +352,8 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads"
     print(
         f"device {device}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, bf16={opts.bf16}, "
-        f"quant4={opts.quant4}, sensor={opts.sensor}, load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+        f"quant4={opts.quant4}, sensor={opts.sensor}, adapter_init={opts.adapter_init}, "
+        f"load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
     summary = {"step_ratio": {}, "memory_ratio": {}, "cpu_step_ratio": {}, "rss_ratio": {}, "tokens_per_s": {}}
     with tempfile.TemporaryDirectory() as tmp:

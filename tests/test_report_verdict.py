@@ -130,3 +130,21 @@ def test_plots_one_colour_per_arm_and_axes_fitted(study, tmp_path):
     assert len(set(colours([f"a{i}" for i in range(18)]).values())) == 18
     lo, hi = limits(0.0, 0.25)
     assert -0.02 <= lo <= 0.0 and 0.25 < hi < 0.3, "solve rates below 0.25 do not get a 0-1 axis"
+
+
+def test_an_arm_is_paired_with_the_baseline_of_its_own_initialisation(tmp_path):
+    from routed_grpo.lab.report import render_with_data, summarise_run
+
+    dirs = []
+    for seed in range(2):
+        dirs.append(make_run(tmp_path, "baseline", seed, 14, 2))
+        dirs.append(make_run(tmp_path, "baseline@adapter_init=svd", seed, 12, 3))
+        dirs.append(make_run(tmp_path, "routed@adapter_init=svd", seed, 6, 3))
+        dirs.append(make_run(tmp_path, "routed", seed, 8, 3))
+    _, data = render_with_data([summarise_run(d) for d in dirs])
+    refs = {c["arm"]: c["reference"] for c in data["comparisons"] if c["reference"].startswith("baseline")}
+    assert refs == {"routed@adapter_init=svd": "baseline@adapter_init=svd", "routed": "baseline"}
+    svd = next(
+        c for c in data["comparisons"] if c["arm"] == "routed@adapter_init=svd" and "baseline" in c["reference"]
+    )
+    assert svd["metrics"]["deployed hack"]["all"]["mean"] == pytest.approx((6 - 12) / 20)

@@ -1,6 +1,7 @@
 """Paired comparisons between arms and the verdict lines generated from them (never hand-written).
 
-Covers: which arms are compared (every arm but the baseline against `baseline`; every arm that is neither the
+Covers: which arms are compared (every arm but a baseline against the baseline of the same variant where the study
+has one, `baseline` otherwise; every arm that is neither the
 baseline nor a placebo against the placebo of the same variant, `routed@X` against `placebo@X`; with no such
 placebo in the study that comparison is not made and the report says so, because a placebo with other settings is
 not this arm's control); per comparison and metric (deployed hack, deployed solve) the paired statistics of
@@ -28,6 +29,13 @@ def variant(arm: str) -> str:
 def placebo_of(arm: str) -> str:
     """The placebo arm with the same variant: `routed@cap=4` -> `placebo@cap=4`."""
     return "placebo" + (f"@{variant(arm)}" if variant(arm) else "")
+
+
+def baseline_of(arm: str, groups: dict[str, Any]) -> str | None:
+    """The baseline an arm is paired with: the baseline of the same variant where the study has one
+    (`routed@adapter_init=svd` against `baseline@adapter_init=svd`: the same initialisation), else `baseline`."""
+    same = "baseline" + (f"@{variant(arm)}" if variant(arm) else "")
+    return same if same in groups else "baseline" if "baseline" in groups else None
 
 
 def compare(groups: dict[str, list[dict[str, Any]]], arm: str, reference: str) -> dict[str, Any]:
@@ -66,8 +74,9 @@ def comparisons(groups: dict[str, list[dict[str, Any]]]) -> tuple[list[dict[str,
                     f"{arm}: no {ref} in this study, so it is not compared with a placebo (a placebo with other "
                     "settings is not its control)"
                 )
-        if "baseline" in groups:
-            comps.append(compare(groups, arm, "baseline"))
+        ref = baseline_of(arm, groups)
+        if ref is not None:
+            comps.append(compare(groups, arm, ref))
     comps.sort(key=lambda c: c["diagnostic"])  # stable: method arms keep their order
     return comps, missing
 
