@@ -4,8 +4,9 @@ The research notes this project grew from describe the adapter as a rank-2r LoRA
 subtracted, `y = W x + s (B A x - B0 A0 x)`, the deployed block in slots `[:r]` and the quarantine in `[r:]`; their
 successor initialises both blocks from the base weight's singular vectors. Here:
 
-- `svd_slots`: `W = U S V^T` in float64 (on the CPU: one LAPACK for every device), top 2r triplets, PiSSA's scaling:
-  slot k has `A[k] = sqrt(S_k / s) V_k^T` and `B[:, k] = sqrt(S_k / s) U_k`, so `s B A = U S V^T` over the slots
+- `svd_slots`: the top 2r triplets of `W = U S V^T`, in float64 on the CPU (from the eigendecomposition of the
+  Gram matrix of W's smaller side), with PiSSA's scaling: slot k has `A[k] = sqrt(S_k / s) V_k^T` and
+  `B[:, k] = sqrt(S_k / s) U_k`, so `s B A = U S V^T` over the slots
   (`s` is the LoRA scaling `alpha / r`). Sign convention: each `U_k` is flipped so that its entry of largest
   magnitude is positive, `V_k` with it (`U_k S_k V_k^T` is unchanged), so the factors do not depend on the sign a
   LAPACK build happens to return. The deployed block takes slots `[:r]` (the top r), the quarantine `[r:2r]`.
@@ -33,14 +34,27 @@ INITS = ("random", "svd", "signed", "signed_reverse")
 SUBTRACTED = ("svd", "signed", "signed_reverse")  # inits whose B0 is not zero: frozen copies are subtracted
 
 
+def top_singular(w: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(U (m, k), S (k,), V^T (k, n)) of the top k singular triplets of `w` (float64), from the eigendecomposition of
+    the Gram matrix of its smaller side: the same triplets as a full SVD (the singular values agree to ~1e-13 on a
+    Qwen2.5-0.5B-shaped MLP weight), about 3.5 times faster on a 4864 x 896 weight (benchmarks/svd_init.py)."""
+    tall = w.shape[0] >= w.shape[1]
+    gram = w.T @ w if tall else w @ w.T  # (n, n) or (m, m)
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    s = evals.flip(0)[:k].clamp_min(0.0).sqrt()
+    side = evecs.flip(1)[:, :k]  # V (n, k) if tall else U (m, k)
+    other = (w @ side if tall else w.T @ side) / torch.where(s > 0, s, 1.0)  # U or V; 0 where s == 0
+    u, v = (other, side) if tall else (side, other)
+    return u, s, v.T
+
+
 def svd_slots(weight: Tensor, rank: int, scaling: float) -> tuple[Tensor, Tensor, Tensor]:
     """(A (2r, d_in), B (d_out, 2r), S (2r,)) float32: the top 2r singular triplets of `weight` as LoRA slots."""
     w = weight.detach().to("cpu", torch.float64)
     k = 2 * rank
     if k > min(w.shape):
         raise ValueError(f"adapter_init svd needs 2 x rank = {k} <= min{tuple(w.shape)} of every target weight")
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    u, s, vh = u[:, :k], s[:k], vh[:k]
+    u, s, vh = top_singular(w, k)
     peak = u.abs().argmax(dim=0)  # (k,)
     sign = torch.sign(u[peak, torch.arange(k)])
     sign[sign == 0] = 1.0
