@@ -120,6 +120,12 @@ def test_the_command_writes_its_three_files_and_refuses_rollouts_without_labels(
     assert set(record["sensors"]["residual:1"]) == {"hack_strict", "defines_run_tests", "correct"}
     assert (out / "diagnose.md").read_text().startswith("# `pairs diagnose` (DIAGNOSTIC")
     assert (out / "diagnose.png").stat().st_size > 1000
+    svd = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "diag_svd"), "--adapter-init", "svd"])
+    assert svd.exit_code == 0, svd.output
+    in_svd = json.loads((tmp_path / "diag_svd" / "diagnose.json").read_text())
+    assert in_svd["adapter"]["init"] == "svd" and record["adapter"]["init"] == "random"
+    assert in_svd["sensors"]["residual:1"] == record["sensors"]["residual:1"]  # the residual stream: no adapter
+    assert in_svd["sensors"]["bottleneck"] != record["sensors"]["bottleneck"]  # another basis
     for r in rows:
         del r["labels"]["correct"]
     (run / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -43,9 +43,9 @@ def _load_blocks(adapter, checkpoint: Path) -> None:
             fail(f"{path}: --checkpoint has no '{block}' block (a checkpoint-N/ or final/ directory of the run)")
         set_peft_model_state_dict(adapter.model, load_file(str(path)), adapter_name=block)
     adapter.model.base_model.set_adapter([DEPLOYED, QUARANTINE])
-    if adapter.subtracted:  # the factors training subtracted, not a recomputation
-        from routed_grpo.initial import INITIAL_FILE
+    from routed_grpo.initial import INITIAL_FILE
 
+    if (checkpoint / INITIAL_FILE).is_file():  # the factors training subtracted (an SVD-space init), not recomputed
         adapter.load_initial(checkpoint / INITIAL_FILE)
 
 
@@ -66,6 +66,9 @@ def diagnose(
     rank: int | None = typer.Option(None, "--rank", help="Adapter rank r per block (default: the run's)."),
     targets: str | None = typer.Option(None, "--targets", help="Comma-separated target modules (default: the run's)."),
     init_seed: int | None = typer.Option(None, "--init-seed", help="Adapter init seed (default: the run's)."),
+    adapter_init: str | None = typer.Option(
+        None, "--adapter-init", help="Adapter init, random or svd (default: the run's; signed needs its pairs)."
+    ),
     mode: str = typer.Option("full", "--mode", help="Rollouts of this sampling mode only: full or deploy."),
     tags: list[str] | None = TAGS_OPT,
     exclude_tags: list[str] | None = EXCLUDE_OPT,
@@ -101,8 +104,11 @@ def diagnose(
     target_list = targets_list(targets) if targets else list(run.get("adapter_targets", DEFAULT_TARGETS))
     init_seed = init_seed if init_seed is not None else run.get("adapter_init_seed", 0)
     loaded = load_pairs(pairs, split(tags), split(exclude_tags))
-    init = run.get("adapter_init", "random")
-    adapter, tokenizer, _ = load_adapter(model, rank, None, target_list, init_seed, device, dtype, init=init)
+    init = adapter_init or run.get("adapter_init", "random")
+    if init not in ("random", "svd") and checkpoint is None:
+        fail(f"--adapter-init {init!r} at initialisation: random or svd only (--checkpoint loads the run's factors)")
+    attach = init if checkpoint is None else "random"  # with --checkpoint, its routed_init.safetensors sets them
+    adapter, tokenizer, _ = load_adapter(model, rank, None, target_list, init_seed, device, dtype, init=attach)
     if checkpoint is not None:
         _load_blocks(adapter, checkpoint)
     n_layers = len(adapter.model.get_base_model().get_decoder().layers)
