@@ -18,8 +18,9 @@ TRL switches every adapter and re-enables gradients on exit):
   once per `set_row_masks` call and stay set until `clear_row_masks()`, because gradient checkpointing re-runs the
   forward hooks during backward;
 - deployment ablation and sampling modes: the quarantine output is replaced by zeros for every row. Because the
-  quarantine's initial value has `B = 0`, this equals resetting the block to its initial value (I2), and it stays
-  finite whatever the quarantine's weights hold; `reset_quarantine()` does the reset on the weights themselves;
+  quarantine's initial value has `B = 0` (or, with an SVD-space `adapter_init`, its frozen copy is subtracted, so
+  its net output at init is zero: routed_grpo.initial), this equals resetting the block to its initial value (I2),
+  and it stays finite whatever the quarantine's weights hold; `reset_quarantine()` does the reset on the weights;
 - the base model (`base_model_only()`): both blocks' outputs replaced by zeros, the reference policy of the KL term
   (no adapter switching);
 - capture of the sensor's reading (routed_grpo.sensor; by default the deployed bottleneck `A_dep x`), mean-pooled
@@ -67,10 +68,9 @@ def attach_routed_adapter(
     targets: Sequence[str] = DEFAULT_TARGETS,
     init_seed: int = 0,
     init: str = "random",
-    hack_in: dict[str, torch.Tensor] | None = None,
 ) -> RoutedAdapter:
     """Wrap `model` in a PeftModel with the deployed and quarantine blocks, both active and trainable; `init`:
-    `random` (PEFT's geometry) or the SVD-space inits of routed_grpo.svd_init (`hack_in` for the signed ones)."""
+    `random` (PEFT's geometry) or `svd` (routed_grpo.initial; the signed inits read pairs: `set_initial`)."""
     if rank < 1:
         raise ValueError(f"adapter rank must be >= 1, got {rank}")
     config = LoraConfig(
@@ -88,7 +88,7 @@ def attach_routed_adapter(
     adapter.reinitialise(DEPLOYED)
     adapter.reinitialise(QUARANTINE)
     if init != "random":
-        adapter.set_initial(init, adapter.compute_initial(init, hack_in))
+        adapter.set_initial(init, adapter.compute_initial(init))
     return adapter
 
 

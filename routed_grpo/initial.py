@@ -73,15 +73,22 @@ class InitialCopies:
             raise ValueError(f"adapter_init must be one of {SUBTRACTED} here, got {init!r}")
         if init != "svd" and hack_in is None:
             raise ValueError(f"adapter_init={init!r} needs the pairs' hack direction per module")
+        missing = [n for n in self.layers if hack_in is not None and n not in hack_in]
+        if init != "svd" and missing:
+            raise ValueError(f"adapter_init={init!r}: no hack direction for {len(missing)} modules, e.g. {missing[0]}")
         s = self.scaling()
         out: dict[str, Factors] = {DEPLOYED: {}, QUARANTINE: {}}
         for name, layer in self.layers.items():
             weight = layer.get_base_layer().weight
             if not weight.is_floating_point():
                 raise ValueError(f"adapter_init={init!r} needs float base weights; {name} is {weight.dtype}")
-            a, b, sv = svd_slots(weight, self.rank, s)
-            if init != "svd":
-                a, b = signed_slots(a, b, sv, weight, hack_in[name], self.rank, s, reverse=init == "signed_reverse")
+            try:
+                a, b, sv = svd_slots(weight, self.rank, s)
+                if init != "svd":
+                    reverse = init == "signed_reverse"
+                    a, b = signed_slots(a, b, sv, weight, hack_in[name], self.rank, s, reverse=reverse)
+            except ValueError as err:
+                raise ValueError(f"adapter_init={init!r} at module {name}: {err}") from None
             for block, factors in split_slots(a, b, self.rank).items():
                 out[block][name] = factors
         return out
@@ -94,8 +101,13 @@ class InitialCopies:
         if init == "random":
             raise ValueError("adapter_init='random' has no stored factors (A0 comes from the seed, B0 is zero)")
         for block in (DEPLOYED, QUARANTINE):
-            if set(factors.get(block, {})) != set(self.layers):
-                raise ValueError(f"initial factors of '{block}' do not cover the adapter's {len(self.layers)} modules")
+            have = set(factors.get(block, {}))
+            if have != set(self.layers):
+                odd = sorted(have ^ set(self.layers))
+                raise ValueError(
+                    f"initial factors of '{block}' do not match the adapter's {len(self.layers)} modules "
+                    f"({len(odd)} differ, e.g. {odd[0]})"
+                )
         self.adapter_init = init
         self._initial = {
             b: {n: (a.float().cpu(), bb.float().cpu()) for n, (a, bb) in f.items()} for b, f in factors.items()
@@ -136,13 +148,16 @@ class InitialCopies:
     # ---- merged and exported weights ---------------------------------------------------------------------------
     @torch.no_grad()
     def delta_weight(self, name: str, block: str) -> torch.Tensor:
-        """The block's net weight delta at module `name`: `s B A`, less `s B0 A0` when the copies are subtracted."""
+        """The block's net weight delta at module `name`: `s B A` (PEFT's `get_delta_weight`), or with subtracted
+        copies `s (B A - B0 A0)` in float32 on the weights' device from the copies the forward subtracts (the same
+        rounded values), so it is exactly zero while the block holds its initial value."""
         layer = self.layers[name]
-        delta = layer.get_delta_weight(block)
-        if self.subtracted:
-            a0, b0 = self._initial[block][name]
-            delta = delta - (self.scaling() * (b0 @ a0)).to(delta.device, delta.dtype)
-        return delta
+        if not self.subtracted:
+            return layer.get_delta_weight(block)
+        a, b = layer.lora_A[block].weight, layer.lora_B[block].weight
+        a0, b0 = self._frozen((block, name), a)
+        delta = (b.float() @ a.float() - b0.float() @ a0.float()) * self.scaling()
+        return delta.to(a.dtype)
 
     @torch.no_grad()
     def folded_state(self, blocks: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], int]:

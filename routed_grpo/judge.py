@@ -8,9 +8,13 @@ a monitor (`routed_grpo.monitor`): `judge(prompts, completions) -> [score, ...]`
 - Requests run `max_concurrency` at a time, each with `timeout` seconds and `max_retries` retries (the `openai`
   client's own backoff: connection errors, timeouts, 408/409/429/5xx). A request that still fails scores None; the
   failures are counted over the run and past `max_failure_frac` the judge raises `MonitorError` naming the endpoint
-  and the last error (the sandbox's rule for its infrastructure errors; never a silent 0).
+  and the last error (the sandbox's rule for its infrastructure errors; never a silent 0). Under several processes
+  pass `max_failure_frac=None` and let `MonitorScorer` bound the unscored rollouts over all processes at once (one
+  rank raising alone would leave the others waiting in a collective); the lab does.
+- `extra_body` goes to the server with every request, e.g. `{"chat_template_kwargs": {"enable_thinking": False}}`
+  for a Qwen3 judge served by vLLM (a thinking model's first token is not an answer).
 - Results are cached by (judge model, instructions version, prompt, completion), in memory and, with `cache_path`,
-  in a JSONL file that a later run reads back.
+  in a JSONL file that a later run reads back (give each process its own file).
 
 Needs the `openai` package (`pip install 'routed-grpo[judge]'`).
 """
@@ -74,8 +78,9 @@ class LLMJudge:
         max_concurrency: int = 8,
         timeout: float = 60.0,
         max_retries: int = 3,
-        max_failure_frac: float = 0.05,
+        max_failure_frac: float | None = 0.05,
         logprobs: bool = True,
+        extra_body: dict | None = None,
         cache_path: str | Path | None = None,
         instructions: str = JUDGE_INSTRUCTIONS,
         version: str = JUDGE_VERSION,
@@ -87,17 +92,21 @@ class LLMJudge:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.model, self.base_url, self.instructions, self.version = model, base_url, instructions, version
-        self.max_concurrency, self.logprobs = max_concurrency, logprobs
+        self.max_concurrency, self.logprobs, self.extra_body = max_concurrency, logprobs, extra_body or {}
         key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"  # local servers take any key
         self.client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
-        self.budget = FailureBudget(max_failure_frac, f"judge requests to {base_url or 'the OpenAI API'} ({model})")
+        what = f"judge requests to {base_url or 'the OpenAI API'} ({model}) failed"
+        self.budget = None if max_failure_frac is None else FailureBudget(max_failure_frac, what, "max_failure_frac")
+        self.last_error = ""  # the latest failed request's error (MonitorScorer names it when it stops the run)
         self.cache: dict[str, float] = {}
         self.cache_path = Path(cache_path) if cache_path else None
         if self.cache_path is not None and self.cache_path.is_file():
             for line in self.cache_path.read_text().splitlines():
-                if line.strip():
+                try:  # a line cut short by a crash is skipped, not fatal
                     row = json.loads(line)
-                    self.cache[row["key"]] = row["score"]
+                    self.cache[row["key"]] = float(row["score"])
+                except (ValueError, KeyError, TypeError):
+                    continue
         self.n_requests = 0  # sent to the server (cache misses), retries not counted
 
     def key(self, prompt: Any, completion: Any) -> str:
@@ -114,11 +123,18 @@ class LLMJudge:
         extra = {"logprobs": True, "top_logprobs": 5} if self.logprobs else {}
         try:
             response = self.client.chat.completions.create(
-                model=self.model, messages=self.messages(prompt, completion), max_tokens=1, temperature=0.0, **extra
+                model=self.model,
+                messages=self.messages(prompt, completion),
+                max_tokens=1,
+                temperature=0.0,
+                extra_body=self.extra_body or None,
+                **extra,
             )
         except Exception as err:  # every openai error (connection, timeout, status) past the client's retries
             return None, f"{type(err).__name__}: {err}"
-        score = score_from_choice(response.choices[0]) if response.choices else None
+        if not response.choices:
+            return None, "an answer without choices"
+        score = score_from_choice(response.choices[0])
         return score, "" if score is not None else f"unreadable answer {response.choices[0].message.content!r}"
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[float | None]:
@@ -135,7 +151,10 @@ class LLMJudge:
                 fresh[k] = score
         self.cache.update(fresh)
         if fresh and self.cache_path is not None:
-            with self.cache_path.open("a") as f:
-                f.writelines(json.dumps({"key": k, "score": v}) + "\n" for k, v in fresh.items())
-        self.budget.account(len(todo), len(errors), f"last error: {errors[-1]}" if errors else "")
+            with self.cache_path.open("a") as f:  # one write per batch
+                f.write("".join(json.dumps({"key": k, "score": v}) + "\n" for k, v in fresh.items()))
+        if errors:
+            self.last_error = errors[-1]
+        if self.budget is not None:
+            self.budget.account(len(todo), len(errors), f"last error: {errors[-1]}" if errors else "")
         return [self.cache.get(k) for k in keys]

@@ -37,17 +37,17 @@ class MonitorError(RuntimeError):
 class FailureBudget:
     """Counts failures over all items so far and raises once they exceed `max_frac` of them."""
 
-    def __init__(self, max_frac: float, what: str):
+    def __init__(self, max_frac: float, what: str, knob: str):
         if not 0.0 <= max_frac < 1.0:
-            raise ValueError(f"the failure bound must be in [0, 1), got {max_frac}")
-        self.max_frac, self.what = max_frac, what
+            raise ValueError(f"{knob} must be in [0, 1), got {knob}={max_frac}")
+        self.max_frac, self.what, self.knob = max_frac, what, knob
         self.n, self.failed = 0, 0
 
     def account(self, n: int, failed: int, detail: str = "") -> None:
         self.n, self.failed = self.n + n, self.failed + failed
         if self.failed and self.failed / max(self.n, 1) > self.max_frac:
             raise MonitorError(
-                f"{self.failed} of {self.n} {self.what} failed ({self.failed / self.n:.1%} > the bound "
+                f"{self.failed} of {self.n} {self.what} ({self.failed / self.n:.1%} > {self.knob} "
                 f"{self.max_frac:.1%}){': ' + detail if detail else ''}"
             )
 
@@ -81,7 +81,9 @@ class MonitorScorer(Scorer):
             raise ValueError(f"negative_zone must be one of {tuple(NEGATIVE_ZONES)}, got {negative_zone!r}")
         self.monitor_fn, self.threshold = monitor_fn, float(threshold)
         self.negative_zone = NEGATIVE_ZONES[negative_zone]
-        self.budget = FailureBudget(max_unscored_frac, "rollouts went unscored by the monitor")
+        self.budget = FailureBudget(
+            max_unscored_frac, "rollouts (all processes) went unscored by the monitor", "max_unscored_frac"
+        )
 
     def flag(self, trainer: RoutedGRPOTrainer, acts: torch.Tensor, rollouts: RolloutsFn) -> GateDecision:
         prompts, completions, _columns = rollouts()  # the columns (labels among them) never reach the monitor
@@ -92,7 +94,8 @@ class MonitorScorer(Scorer):
         all_unscored = trainer.accelerator.gather(unscored.long())
         metrics = trainer._metrics["train"]
         metrics["monitor/unscored"].append(float(all_unscored.sum()))
-        self.budget.account(int(all_unscored.numel()), int(all_unscored.sum()))
+        last = getattr(self.monitor_fn, "last_error", "")  # e.g. LLMJudge's latest failed request
+        self.budget.account(int(all_unscored.numel()), int(all_unscored.sum()), f"last error: {last}" if last else "")
         m, d = masks_from_zones(zones)
         all_zones = trainer.accelerator.gather(zones)
         # an unscored row shows score 0 in the logged statistics (it was not flagged, and it is counted above)

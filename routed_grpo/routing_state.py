@@ -251,6 +251,11 @@ def routed_adapter(model, args: RoutedGRPOConfig, tokenizer: Any = None) -> Rout
             raise ValueError(f"the model already has PEFT adapters {list(peft_config)}; pass the base model instead")
         model.base_model.set_adapter([DEPLOYED, QUARANTINE])  # both active and trainable
         adapter = RoutedAdapter.of(model, init_seed=args.adapter_init_seed)
+        if adapter.adapter_init != args.adapter_init:
+            raise ValueError(
+                f"the model's blocks were made with adapter_init={adapter.adapter_init!r}, the config says "
+                f"{args.adapter_init!r}; pass the base model, or load the run's routed_init.safetensors first"
+            )
     else:
         adapter = attach_routed_adapter(
             model, args.adapter_rank, args.adapter_alpha, args.adapter_targets, args.adapter_init_seed

@@ -162,6 +162,11 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
             self._vact_start = self.gate.vact.clone()  # for routing/vact_cos_start after a refresh
             if self.use_vllm:
                 self._vllm_modes = PerModeGeneration(self.vllm_generation, self.adapter)
+        if self.use_vllm and self.adapter.subtracted and self._vllm_modes is None:
+            raise ValueError(
+                f"adapter_init={args.adapter_init!r} with use_vllm and routing='none': TRL's own vLLM weight sync "
+                "merges s B A without subtracting the initial copies' s B0 A0; use routing on, or use_vllm=False"
+            )
 
     # ---- generation: sampling modes -------------------------------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -253,7 +258,8 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
                 "otherwise (its condition changed?): they would not be in each row's sampling mode"
             )
         flags = self._take_flags(output)
-        seconds = {"generate_and_score": time.perf_counter() - t0, **flags["seconds"]}
+        seconds = dict(flags["seconds"])  # behaviour_forward and gate ran inside TRL's generate-and-score
+        seconds["generate_and_score"] = time.perf_counter() - t0 - sum(seconds.values())
         self._updated_since_generation = False
         full = self._sampling_full.to(self.accelerator.device)
         decision = flags["decision"]

@@ -201,6 +201,7 @@ _PART_WORDS = {
     "seed": "init seed",
     "rank": "rank",
     "targets": "target modules",
+    "init": "adapter init (adapter_init and the hash of its initial factors)",
     "module_shapes": "module names or shapes",
     "base_weights": "base weights (sampled entries of the first, middle and last weight matrix differ beyond bf16 "
     "precision: another base model or checkpoint)",
@@ -211,7 +212,7 @@ def describe_mismatch(stored: dict[str, Any], current: dict[str, Any], differ: S
     """`init seed 0 in the file, 1 in this adapter; ...` for the differing fingerprint parts."""
     out = []
     for part in differ:
-        if part in ("seed", "rank", "targets"):
+        if part in ("seed", "rank", "targets", "init"):
             out.append(f"{_PART_WORDS[part]} {stored.get(part)!r} in the file, {current.get(part)!r} in {against}")
         else:
             out.append(f"{_PART_WORDS[part]} differ")

@@ -26,6 +26,7 @@ class Server:
         self.requests: list[dict] = []
         self.fail, self.delay, self.logprobs, self.answer = 0, 0.0, logprobs, None
         self.rule = lambda text: "HACK" in text
+        self.no_choices = False
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,6 +40,9 @@ class Server:
                     server.fail -= 1
                     return self._send(500, {"error": {"message": "boom", "type": "server_error"}})
                 time.sleep(server.delay)
+                if server.no_choices:
+                    return self._send(200, {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                                            "choices": []})  # fmt: skip
                 hack = server.rule(body["messages"][-1]["content"].split("## Answer")[-1])
                 text = server.answer or ("1" if hack else "0")
                 p1 = 0.8 if hack else 0.1
@@ -112,6 +116,24 @@ def test_without_logprobs_the_score_is_the_answer_and_a_file_cache_survives(tmp_
             _judge(s.url)(PROMPTS[:1], [[{"role": "assistant", "content": "new"}]])
     finally:
         s.close()
+
+
+def test_an_empty_answer_is_a_counted_failure_and_extra_body_reaches_the_server(server):
+    server.no_choices = True
+    judge = _judge(server.url, max_failure_frac=None, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert judge(PROMPTS[:2], COMPLETIONS[:2]) == [None, None]
+    assert judge.last_error == "an answer without choices"
+    assert server.requests[0]["chat_template_kwargs"] == {"enable_thinking": False}
+    scorer = MonitorScorer(judge, max_unscored_frac=0.1)
+
+    class Trainer:  # what MonitorScorer.flag reads of the trainer, one process
+        class accelerator:  # noqa: N801
+            gather = staticmethod(lambda t: t)
+
+        _metrics = {"train": __import__("collections").defaultdict(list)}
+
+    with pytest.raises(MonitorError, match="2 of 2 rollouts .* max_unscored_frac .*last error: an answer without"):
+        scorer.flag(Trainer(), torch.zeros(2, 1, 1), lambda: (PROMPTS[2:], COMPLETIONS[2:], {}))
 
 
 def test_retries_then_succeeds(server):

@@ -19,6 +19,7 @@ ARMS = {
 # model, adapter, reward, seed, optimiser). The DIAGNOSTIC arms add their label source and knobs.
 ARM_KEYS = {"arm", "routing", "vact_pairs_path", "placebo_seed", "output_dir", "measure_train"}
 ARM_KEYS |= {"monitor_model", "monitor_base_url", "monitor_api_key_env", "monitor_concurrency", "monitor_timeout"}
+ARM_KEYS |= {"monitor_extra_body"}
 ARM_KEYS |= {"monitor_threshold", "intervention", "flag_penalty"}
 DIAGNOSTIC_KEYS = {
     "label_source",

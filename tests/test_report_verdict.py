@@ -141,9 +141,14 @@ def test_an_arm_is_paired_with_the_baseline_of_its_own_initialisation(tmp_path):
         dirs.append(make_run(tmp_path, "baseline@adapter_init=svd", seed, 12, 3))
         dirs.append(make_run(tmp_path, "routed@adapter_init=svd", seed, 6, 3))
         dirs.append(make_run(tmp_path, "routed", seed, 8, 3))
+        dirs.append(make_run(tmp_path, "routed@adapter_init=svd,intervention=penalty", seed, 7, 3))
     _, data = render_with_data([summarise_run(d) for d in dirs])
     refs = {c["arm"]: c["reference"] for c in data["comparisons"] if c["reference"].startswith("baseline")}
-    assert refs == {"routed@adapter_init=svd": "baseline@adapter_init=svd", "routed": "baseline"}
+    assert refs == {
+        "routed@adapter_init=svd": "baseline@adapter_init=svd",
+        "routed@adapter_init=svd,intervention=penalty": "baseline@adapter_init=svd",  # its other keys: no baseline
+        "routed": "baseline",
+    }
     svd = next(
         c for c in data["comparisons"] if c["arm"] == "routed@adapter_init=svd" and "baseline" in c["reference"]
     )

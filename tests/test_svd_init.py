@@ -85,6 +85,9 @@ def test_i1_and_i2_exactly_with_subtracted_copies(init):
 
 def test_vllm_weights_and_the_fingerprint_know_the_subtracted_copies():
     adapter, ref = _attached("svd")
+    base = make_model(len(TOKENIZER)).state_dict()
+    for name, weight in mode_weights(adapter, "full"):  # at init the net delta is exactly zero here too
+        assert torch.equal(weight, base[name]), name
     _perturb(adapter)
     with adapter.deployment_ablation():
         want = _logits(adapter.model)
@@ -95,6 +98,10 @@ def test_vllm_weights_and_the_fingerprint_know_the_subtracted_copies():
     parts = adapter.fingerprint_parts()
     assert parts["init"].startswith("svd:") and random.fingerprint_parts()["init"] is None
     assert fingerprint_mismatch(random.fingerprint_parts(), parts) == ["init"]
+    from routed_grpo.vact import describe_mismatch
+
+    text = describe_mismatch(random.fingerprint_parts(), parts, ["init"], "this adapter")
+    assert text.startswith("adapter init") and "svd:" in text
 
 
 def test_the_reverse_control_differs_only_in_which_block_holds_the_seeded_slot():

@@ -91,7 +91,8 @@ class ExperimentArguments:
         monitor_model / monitor_base_url / monitor_api_key_env / monitor_concurrency / monitor_timeout: `monitor`
             arm only: the judge model served at an OpenAI-compatible endpoint (`vllm serve MODEL` gives
             `http://HOST:8000/v1`), the environment variable holding its key, requests in flight, seconds per
-            request. Its answers are cached in `RUN_DIR/judge_cache.jsonl`.
+            request; `monitor_extra_body` (JSON) goes with every request. Answers are cached per process in
+            `RUN_DIR/judge_cache.rank<k>.jsonl`.
     """
 
     arm: str = field(default="routed", metadata={"help": "baseline | routed | placebo."})
@@ -124,6 +125,9 @@ class ExperimentArguments:
     monitor_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "monitor arm: env var of the key."})
     monitor_concurrency: int = field(default=8, metadata={"help": "monitor arm: judge requests in flight."})
     monitor_timeout: float = field(default=60.0, metadata={"help": "monitor arm: seconds per judge request."})
+    monitor_extra_body: dict | str | None = field(
+        default=None, metadata={"help": "monitor arm: extra request fields (JSON), e.g. chat_template_kwargs."}
+    )
 
     def __post_init__(self):
         if self.arm not in ARM_ROUTING:
@@ -141,6 +145,8 @@ class ExperimentArguments:
             )
         if isinstance(self.organism_settings, str):
             self.organism_settings = json.loads(self.organism_settings)
+        if isinstance(self.monitor_extra_body, str):
+            self.monitor_extra_body = json.loads(self.monitor_extra_body)
         if not 0.0 <= self.unhackable_frac <= 1.0:
             raise ValueError(f"unhackable_frac must be in [0, 1], got unhackable_frac={self.unhackable_frac}")
         if self.measure_every < 0 or self.measure_n < 1 or self.eval_n < 1 or self.eval_samples < 1:
@@ -259,6 +265,12 @@ def build_trainer(script, training, model, tokenizer, train_dataset, train_probl
     # With beta != 0, stock GRPOTrainer would clone a PEFT "default" adapter (which the two-block model lacks) as its
     # KL reference; the baseline then runs RoutedGRPOTrainer(routing="none"): stock GRPO, KL to the base model.
     if script.arm == "baseline" and training.beta == 0.0:
+        if training.adapter_init != "random" and (training.weight_decay or training.use_vllm):
+            raise ValueError(
+                f"baseline with adapter_init={training.adapter_init!r}: stock GRPOTrainer would decay the blocks "
+                f"toward -B0 A0 (weight_decay={training.weight_decay}) or merge them into vLLM without subtracting "
+                f"the initial copies (use_vllm={training.use_vllm}); set weight_decay 0 and use_vllm false"
+            )
         if training.weight_decay:
             log.warning(
                 "baseline: stock GRPOTrainer decays the adapter blocks (weight_decay=%s); the routed "
@@ -284,6 +296,8 @@ def build_trainer(script, training, model, tokenizer, train_dataset, train_probl
         return trainer, trainer.adapter
     monitor = {}
     if script.arm == "monitor":
+        from accelerate import PartialState
+
         from routed_grpo.judge import LLMJudge
 
         monitor["monitor_fn"] = LLMJudge(
@@ -292,7 +306,9 @@ def build_trainer(script, training, model, tokenizer, train_dataset, train_probl
             os.environ.get(script.monitor_api_key_env),
             max_concurrency=script.monitor_concurrency,
             timeout=script.monitor_timeout,
-            cache_path=Path(training.output_dir) / "judge_cache.jsonl",
+            max_failure_frac=None,  # MonitorScorer bounds the unscored rollouts over all processes at once
+            extra_body=script.monitor_extra_body,
+            cache_path=Path(training.output_dir) / f"judge_cache.rank{PartialState().process_index}.jsonl",
         )
     trainer = RoutedGRPOTrainer(
         model, reward, training, train_dataset=train_dataset, processing_class=tokenizer, measure_fn=measure, **monitor

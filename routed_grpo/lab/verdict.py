@@ -32,10 +32,16 @@ def placebo_of(arm: str) -> str:
 
 
 def baseline_of(arm: str, groups: dict[str, Any]) -> str | None:
-    """The baseline an arm is paired with: the baseline of the same variant where the study has one
-    (`routed@adapter_init=svd` against `baseline@adapter_init=svd`: the same initialisation), else `baseline`."""
-    same = "baseline" + (f"@{variant(arm)}" if variant(arm) else "")
-    return same if same in groups else "baseline" if "baseline" in groups else None
+    """The baseline an arm is paired with: of the study's baselines whose variant settings are all among the arm's
+    (`baseline@adapter_init=svd` for `routed@adapter_init=svd,intervention=penalty`: the same initialisation), the
+    one with the most; `baseline` when no other fits."""
+    mine = set(filter(None, variant(arm).split(",")))
+    fits = [
+        b
+        for b, rows in groups.items()
+        if rows[0]["base_arm"] == "baseline" and set(filter(None, variant(b).split(","))) <= mine
+    ]
+    return max(fits, key=lambda b: len(variant(b).split(",")) if variant(b) else 0, default=None)
 
 
 def compare(groups: dict[str, list[dict[str, Any]]], arm: str, reference: str) -> dict[str, Any]:

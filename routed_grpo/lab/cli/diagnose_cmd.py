@@ -30,7 +30,7 @@ def _run_adapter_fields(rollouts: Path) -> dict:
     return {k: training[k] for k in keys if k in training}
 
 
-def _load_blocks(adapter, checkpoint: Path) -> None:
+def _load_blocks(adapter, checkpoint: Path, init: str) -> None:
     """Both blocks' trained weights from a checkpoint (or `final/`) directory, as the trainer resumes them."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -47,6 +47,8 @@ def _load_blocks(adapter, checkpoint: Path) -> None:
 
     if (checkpoint / INITIAL_FILE).is_file():  # the factors training subtracted (an SVD-space init), not recomputed
         adapter.load_initial(checkpoint / INITIAL_FILE)
+    elif init != "random":
+        fail(f"{checkpoint / INITIAL_FILE}: missing, but the run used adapter_init={init!r} (its final/ has it)")
 
 
 def diagnose(
@@ -110,7 +112,7 @@ def diagnose(
     attach = init if checkpoint is None else "random"  # with --checkpoint, its routed_init.safetensors sets them
     adapter, tokenizer, _ = load_adapter(model, rank, None, target_list, init_seed, device, dtype, init=attach)
     if checkpoint is not None:
-        _load_blocks(adapter, checkpoint)
+        _load_blocks(adapter, checkpoint, init)
     n_layers = len(adapter.model.get_base_model().get_decoder().layers)
     asked = sensor or ["bottleneck", "residual:mid"] + (["bottleneck_init"] if checkpoint is not None else [])
     specs = list(dict.fromkeys(s.replace("residual:mid", f"residual:{n_layers // 2}") for s in asked))
