@@ -13,9 +13,16 @@ QUOTING = ["README.md", "docs/organism.md"]
 NUMBER = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.])")  # decimals such as 0.70 or 2.37; not 1.16 in "trl 1.16.x"
 
 
-def results_section(text: str) -> str:
-    start, end = "<!-- results:begin -->", "<!-- results:end -->"
-    assert text.count(start) == 1 and text.count(end) == 1, "the file must have one results block"
+# further blocks: (marker, the committed report they quote)
+BLOCKS = {
+    "results:interventions": ROOT / "results" / "interventions" / "report.md",
+    "results:svd": ROOT / "results" / "svd" / "report.md",
+}
+
+
+def results_section(text: str, marker: str = "results") -> str:
+    start, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    assert text.count(start) == 1 and text.count(end) == 1, f"the file must have one {marker} block"
     return text.split(start, 1)[1].split(end, 1)[0]
 
 
@@ -32,6 +39,15 @@ def test_results_come_from_the_committed_report(name):
     figures = NUMBER.findall(section)
     assert len(figures) >= 20, "the results section should quote the study's table"
     assert unquoted(section, REPORT.read_text(encoding="utf-8")) == []
+
+
+@pytest.mark.parametrize("marker", sorted(BLOCKS))
+def test_the_other_results_blocks_quote_their_own_report(marker):
+    report = BLOCKS[marker]
+    section = results_section((ROOT / "README.md").read_text(encoding="utf-8"), marker)
+    assert str(report.relative_to(ROOT)) in section
+    assert len(NUMBER.findall(section)) >= 10, "the block should quote its study's table"
+    assert unquoted(section, report.read_text(encoding="utf-8")) == []
 
 
 def test_a_figure_absent_from_the_report_is_caught():
