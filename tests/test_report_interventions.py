@@ -66,3 +66,16 @@ def test_collapse_reads_the_environments_reward_not_the_penalised_one(tmp_path):
     rows = [{"step": s, "reward": 2.0, "env_reward": 0.1} for s in range(1, 6)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert "final training reward 0.10" in summarise_run(run)["collapse_reason"]
+
+
+def test_penalty_and_screen_arms_show_no_routing_mass(tmp_path):
+    runs = [make_run(tmp_path, "labels", s, 4, 10) for s in range(2)]
+    for s in range(2):
+        run = make_run(tmp_path, "labels@intervention=screen", s, 4, 10)
+        config = (run / "config.yaml").read_text().replace("training:", "training:\n  intervention: screen", 1)
+        (run / "config.yaml").write_text(config)
+        runs.append(run)
+    text, _ = render_with_data([summarise_run(r) for r in runs])
+    row = next(line for line in text.splitlines() if line.startswith("| labels@intervention=screen (DIAG"))
+    assert "not routed (both blocks train on every row)" in row
+    assert "not routed" not in next(line for line in text.splitlines() if line.startswith("| labels (DIAG"))

@@ -122,6 +122,7 @@ def summarise_run(run_dir: str | Path) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "arm": arm_name(config, study),
         "base_arm": config["arm"],
+        "intervention": config.get("training", {}).get("intervention", "route"),
         "diagnostic": config.get("diagnostic"),
         "seed": config["training"]["seed"],
         "eval": evaluation,

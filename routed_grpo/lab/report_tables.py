@@ -85,6 +85,8 @@ def seed_cell(rows: Sequence[Row], mode: str, key: str) -> str:
 def mass(rows: Sequence[Row]) -> str:
     if rows[0]["base_arm"] == "baseline":
         return "not routed"
+    if rows[0].get("intervention", "route") != "route":
+        return "not routed (both blocks train on every row)"
     return f"{num(_mean([r['qmass'] for r in rows]))} / {num(_mean([r['qmass_grad'] for r in rows]))}"
 
 
