@@ -45,9 +45,11 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
       deployed bottleneck pooled over each completion and each sampled token's log-prob
       (`routed_grpo.behaviour.SamplingPassPool`). With `use_vllm`, each mode is generated with its own merged
       weights (`routed_grpo.vllm_sync`).
-    - `_generate_and_score_completions`: after TRL's rewards and Dr.GRPO advantages, the gate scores the pooled
-      activations against `v_act`, appends them to the buffer, takes thresholds over the whole buffer and returns
-      zones and masks (batch keys `routing_m`, `routing_d`, `routing_zone`, `sampling_full`). Behaviour log-probs
+    - `_calculate_rewards` (routed_grpo.flags): right after TRL's reward functions and before its advantages, the
+      scorer (by default the gate: the pooled activations scored against `v_act`, appended to the buffer,
+      thresholds over the whole buffer) flags the batch and the intervention may change the rewards (`penalty`,
+      `screen`); `_generate_and_score_completions` then returns zones and masks (batch keys `routing_m`,
+      `routing_d`, `routing_zone`, `sampling_full`, and `routing_loss_scale`). Behaviour log-probs
       `old_per_token_logps` are the sampler's, in each row's sampling mode; matched rows (`routing_logp_from_loss`)
       instead take the grad-carrying forward's detached log-probs before the first update, which is exactly their
       behaviour policy (rho == 1 bit for bit). No extra forward runs: where TRL computes old log-probs itself
