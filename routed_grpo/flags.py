@@ -23,6 +23,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import pad
 
+from routed_grpo.behaviour import completion_pool_mask
 from routed_grpo.gate import ROUTE
 from routed_grpo.ladder import ROW_NORMALISED_LOSSES, TOKEN_NORMALISED_LOSSES
 from routed_grpo.vact import auroc
@@ -87,28 +88,27 @@ class FlagStep(GRPOTrainer):
         self._metrics["train"]["routing/flag_rate"].append(flagged.float().mean().item())
         return rewards
 
+    def _padded(self, seqs: list, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of token-id lists padded as TRL pads them (`trl.trainer.utils.pad`, its pad token and
+        `pad_to_multiple_of`), on the device."""
+        ids = [torch.tensor(x) for x in seqs]
+        kw = dict(padding_side=side, pad_to_multiple_of=self.pad_to_multiple_of)
+        padded = pad(ids, padding_value=self._tokenizer.pad_token_id, **kw)
+        mask = pad([torch.ones_like(x, dtype=torch.long) for x in ids], padding_value=0, **kw)
+        return padded.to(self.accelerator.device), mask.to(self.accelerator.device)
+
     def _completion_tensors(self, completion_ids_list) -> tuple[torch.Tensor, torch.Tensor]:
         """TRL's padded `completion_ids` and `completion_mask` of the batch (checked against its own afterwards)."""
-        device = self.accelerator.device
-        ids = [torch.tensor(x) for x in completion_ids_list]
-        kw = dict(padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
-        padded = pad(ids, padding_value=self._tokenizer.pad_token_id, **kw).to(device)
-        mask = pad([torch.ones_like(x, dtype=torch.long) for x in ids], padding_value=0, **kw).to(device)
+        padded, mask = self._padded(completion_ids_list, "right")
         if self.mask_truncated_completions:
             ends = [*self.eos_token_ids, self._tokenizer.pad_token_id]
-            truncated = torch.tensor([x[-1] not in ends for x in completion_ids_list], device=device)
+            truncated = torch.tensor([x[-1] not in ends for x in completion_ids_list], device=mask.device)
             mask = mask * (~truncated).unsqueeze(1).int()
         return padded, mask
 
     def _sampling_mode_forward(self, completion_ids, completion_mask, full):
         """`behaviour.sampling_mode_forward` on the batch: (logps (B, T), acts (B, M, r) or None)."""
-        from routed_grpo.behaviour import completion_pool_mask
-
-        device = self.accelerator.device
-        prompts = [torch.tensor(x) for x in self._prompt_ids_list]
-        kw = dict(padding_side="left", pad_to_multiple_of=self.pad_to_multiple_of)
-        prompt_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, **kw).to(device)
-        prompt_mask = pad([torch.ones_like(x, dtype=torch.long) for x in prompts], padding_value=0, **kw).to(device)
+        prompt_ids, prompt_mask = self._padded(self._prompt_ids_list, "left")
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         pool_mask = completion_pool_mask(completion_ids, completion_mask, self._tokenizer.pad_token_id)

@@ -71,11 +71,12 @@ class InitialCopies:
         (module -> (d_in,) mean input difference of the pairs) for the signed ones."""
         if init not in SUBTRACTED:
             raise ValueError(f"adapter_init must be one of {SUBTRACTED} here, got {init!r}")
-        if init != "svd" and hack_in is None:
-            raise ValueError(f"adapter_init={init!r} needs the pairs' hack direction per module")
-        missing = [n for n in self.layers if hack_in is not None and n not in hack_in]
+        missing = [n for n in self.layers if n not in (hack_in or {})]
         if init != "svd" and missing:
-            raise ValueError(f"adapter_init={init!r}: no hack direction for {len(missing)} modules, e.g. {missing[0]}")
+            raise ValueError(
+                f"adapter_init={init!r} needs the pairs' hack direction per module; none for {len(missing)} modules, "
+                f"e.g. {missing[0]}"
+            )
         s = self.scaling()
         out: dict[str, Factors] = {DEPLOYED: {}, QUARANTINE: {}}
         for name, layer in self.layers.items():
