@@ -13,6 +13,7 @@ from trl import GRPOTrainer
 
 from routed_grpo.adapter import DEPLOYED, QUARANTINE
 from routed_grpo.behaviour import BaseModelReference, SamplingPassPool, completion_pool_mask, sampling_mode_forward
+from routed_grpo.compact_head import scored_positions_only
 from routed_grpo.config import RoutedGRPOConfig
 from routed_grpo.flags import FlagStep
 from routed_grpo.gate import Gate
@@ -25,6 +26,7 @@ from routed_grpo.loss import (
     mismatched_rows,
 )
 from routed_grpo.monitor import MonitorFn, MonitorScorer
+from routed_grpo.prefill import shared_prompt_prefill
 from routed_grpo.routing_state import RoutingState, buffer_capacity, routed_adapter, without_trl_kl_reference
 from routed_grpo.update import RoutedUpdate
 from routed_grpo.vllm_sync import PerModeGeneration
@@ -182,15 +184,19 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
         if self._vllm_modes is not None:
             return self._vllm_generate(prompt_ids, self._sampling_full if routed else None)
         if not routed:
-            return super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
-        pool = self._new_sampling_pool()
-        with self._sampling_modes(full):
-            with pool.attached() if pool is not None else contextlib.nullcontext():
-                completion_ids, logprobs = super()._generate_single_turn(
+            with shared_prompt_prefill(self.adapter.model.get_base_model()):
+                return super()._generate_single_turn(
                     prompt_ids, images, multimodal_fields, num_generations, has_tool_images
                 )
+        pool = self._new_sampling_pool()
+        one_mode = bool(full.all()) or not bool(full.any())  # mixed modes: per-row masks index the whole batch
+        with self._sampling_modes(full):
+            with pool.attached() if pool is not None else contextlib.nullcontext():
+                lm = self.adapter.model.get_base_model()
+                with shared_prompt_prefill(lm) if one_mode else contextlib.nullcontext():
+                    completion_ids, logprobs = super()._generate_single_turn(
+                        prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+                    )
             if pool is not None:  # the last token of each completion, never fed back while sampling
                 pool.finish(completion_ids, self.model, self.args.gradient_checkpointing_kwargs)
         self._sampling_pool = pool
@@ -297,7 +303,9 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
 
     def _forward_in_sampling_modes(self, input_ids, attention_mask, logits_to_keep, full, pool_mask):
         def logps_fn(ids, mask, keep):
-            return GRPOTrainer._get_per_token_logps_and_entropies(self, self.model, ids, mask, keep, ids.size(0))[0]
+            with scored_positions_only():
+                out = GRPOTrainer._get_per_token_logps_and_entropies(self, self.model, ids, mask, keep, ids.size(0))
+            return out[0]
 
         chunk, checkpointing = self.args.per_device_train_batch_size, self.args.gradient_checkpointing_kwargs
         batch = (input_ids, attention_mask, logits_to_keep, full, chunk, pool_mask)
@@ -312,6 +320,10 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
 
     # ---- log-probs: KL reference, TRL's old-log-prob forward, the loss forward -----------------------------------
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        with scored_positions_only():  # on the CPU too, TRL's fused head scores only the completion tokens
+            return self._logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+
+    def _logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         if isinstance(model, BaseModelReference):  # the KL reference: the base model, both blocks off
             with self.adapter.base_model_only():
                 return super()._get_per_token_logps_and_entropies(

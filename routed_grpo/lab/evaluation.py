@@ -26,6 +26,7 @@ import yaml
 
 from routed_grpo.adapter import DEPLOYED, QUARANTINE, RoutedAdapter
 from routed_grpo.initial import INITIAL_FILE
+from routed_grpo.prefill import shared_prompt_prefill
 from routed_grpo.utils import atomic_write_text, batched, encode_prompt, progress_bar
 from sandbox.labels import LABEL_KEYS, Labels, label_many
 from sandbox.problems import Problem, load_jsonl
@@ -86,7 +87,11 @@ def generate_completions(
     out: list[str] = []
     bar = progress_bar(len(prompts), f"sampling ({mode})", progress)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), adapter.sampling_mode(mode):
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            adapter.sampling_mode(mode),
+            shared_prompt_prefill(model.get_base_model()),  # the samples of one problem: one prompt forward
+        ):
             torch.manual_seed(seed)
             for chunk in batched(prompts, batch_size):
                 ids = [encode_prompt(tokenizer, p) for p in chunk]  # as TRL tokenises the training prompts

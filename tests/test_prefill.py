@@ -1,0 +1,80 @@
+"""`routed_grpo.prefill`: one prompt forward per distinct prompt in `generate`, with the same samples and scores."""
+
+import torch
+from transformers import DynamicCache
+
+from routed_grpo.prefill import distinct_rows, shared_prompt_prefill
+from tests.conftest import make_model
+
+
+def test_distinct_rows_keeps_first_occurrences_and_maps_every_row_back():
+    rows = torch.tensor([[5, 1], [2, 2], [5, 1], [0, 9], [2, 2]])
+    keep, inverse = distinct_rows(rows)
+    assert keep.tolist() == [0, 1, 3] and inverse.tolist() == [0, 1, 0, 2, 1]
+    assert torch.equal(rows[keep][inverse], rows)
+    assert distinct_rows(torch.tensor([[1, 2], [2, 1]])) is None
+
+
+def _prompts(vocab: int, copies: int):
+    """Three prompts of different lengths, left-padded, each repeated `copies` times in a row (TRL's layout)."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = [7, 11, 9]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, -n:] = torch.randint(3, vocab, (n,), generator=gen)
+        mask[i, -n:] = 1
+    return ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+
+
+def _generate(model, ids, mask, shared: bool, rows_seen: list[int]):
+    hook = model.model.layers[0].register_forward_pre_hook(lambda m, args: rows_seen.append(args[0].shape[0]))
+    torch.manual_seed(0)
+    try:
+        with shared_prompt_prefill(model) if shared else torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=0.7,
+                max_new_tokens=6,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+    finally:
+        hook.remove()
+    return out
+
+
+def test_shared_prefill_samples_the_same_tokens_with_the_same_scores_bit_for_bit(tokenizer):
+    model = make_model(len(tokenizer), hidden=64)
+    ids, mask = _prompts(len(tokenizer), copies=4)
+    plain_rows, shared_rows = [], []
+    plain = _generate(model, ids, mask, shared=False, rows_seen=plain_rows)
+    with torch.no_grad():
+        shared = _generate(model, ids, mask, shared=True, rows_seen=shared_rows)
+    assert torch.equal(plain.sequences, shared.sequences)
+    assert len(plain.scores) == len(shared.scores) > 1
+    for a, b in zip(plain.scores, shared.scores, strict=True):
+        assert torch.equal(a, b)
+    assert plain_rows[0] == 12 and shared_rows[0] == 3  # the prefill ran once per distinct prompt
+    assert set(shared_rows[1:]) == {12}  # decode steps: every row
+    assert "forward" not in model.model.__dict__  # the wrapper is gone after the context
+
+
+def test_shared_prefill_leaves_calls_it_cannot_share_unchanged(tokenizer):
+    model = make_model(len(tokenizer))
+    ids, mask = _prompts(len(tokenizer), copies=2)
+    rows: list[int] = []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    with torch.no_grad(), shared_prompt_prefill(model):
+        embeds = model.get_input_embeddings()(ids)
+        model.model(inputs_embeds=embeds, attention_mask=mask, cache=DynamicCache(config=model.config))
+        model.model(input_ids=ids, attention_mask=mask)  # no cache: not generate's prefill
+        cache = DynamicCache(config=model.config)
+        model.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], cache=cache)  # shared: 3 rows
+        model.model(input_ids=ids[:, -1:], attention_mask=mask, cache=cache)  # a decode step
+    hook.remove()
+    assert rows == [6, 6, 3, 6]
+    assert cache.layers[0].keys.shape[0] == 6
