@@ -6,8 +6,9 @@
 Each repeat runs the baseline tree and this tree once, one after the other (order alternating from repeat to
 repeat), each as its own process with `OMP_NUM_THREADS=1`: the organism recipe `recipes/organism/routed.yaml` of
 that tree, `--max_steps STEPS`, seed 0, no checkpoints, the same organism cache (`--organism-dir`, built once by the
-first run). A step is one optimizer step (generation, rewards, gate, measurement labels, loss forward and backward,
-optimizer), timed from `on_step_begin` to `on_step_end` by a callback; the held-out measurement that runs every
+first run; `--new-args` adds recipe arguments to the measured tree's runs only). A step is one optimizer step
+(generation, rewards, gate, measurement labels, loss forward and backward, optimizer), timed from `on_step_begin`
+to `on_step_end` by a callback; the held-out measurement that runs every
 `measure_every` steps comes after `on_step_end` and is not in it. Per tree the figure is the median over the
 measured steps of all repeats, the first `--skip` steps of each run left out (warm-up). The run's wall time
 (`train_runtime`, with the held-out measurements) is reported beside it, and so is the training process's own CPU
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -42,7 +44,7 @@ HERE = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("timing/", "step_time", "sandbox/seconds_mean", "train_", "total_flos", "epoch", "learning_rate")
 
 
-def _child(tree: Path, out: Path, steps: int, organism_dir: Path) -> None:
+def _child(tree: Path, out: Path, steps: int, organism_dir: Path, extra: list[str]) -> None:
     """Runs inside the child process, with `tree` first on sys.path: one routed organism run, step times to `out`."""
     from transformers import TrainerCallback
 
@@ -71,7 +73,7 @@ def _child(tree: Path, out: Path, steps: int, organism_dir: Path) -> None:
     run_dir = out.with_suffix("")
     argv = ["--config", str(tree / "recipes/organism/routed.yaml"), "--output_dir", str(run_dir)]
     argv += ["--organism_dir", str(organism_dir), "--max_steps", str(steps), "--seed", "0"]
-    argv += ["--disable_tqdm", "true", "--save_strategy", "no", "--report_to", "none"]
+    argv += ["--disable_tqdm", "true", "--save_strategy", "no", "--report_to", "none", *extra]
     script, training, model_args = experiment.parse_recipe(argv)
     t0 = time.perf_counter()
     experiment.run_experiment(script, training, model_args)
@@ -86,7 +88,7 @@ def _child(tree: Path, out: Path, steps: int, organism_dir: Path) -> None:
     out.write_text(json.dumps(record))
 
 
-def _run(tree: Path, out: Path, steps: int, organism_dir: Path) -> dict:
+def _run(tree: Path, out: Path, steps: int, organism_dir: Path, extra: str = "") -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": str(tree),
@@ -102,6 +104,7 @@ def _run(tree: Path, out: Path, steps: int, organism_dir: Path) -> dict:
         str(out),
         str(steps),
         str(organism_dir),
+        extra,
     ]
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -143,6 +146,11 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=2, help="first steps of each run left out of the median")
     ap.add_argument("--organism-dir", type=Path, default=Path(tempfile.gettempdir()) / "routed_grpo_organism")
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary directory)")
+    ap.add_argument(
+        "--new-args",
+        default="",
+        help="recipe arguments for the measured tree only, e.g. '--share_prompt_forward true'",
+    )
     args = ap.parse_args()
     trees = {"baseline": args.baseline.resolve(), "new": args.new.resolve()}
     work = Path(args.out or tempfile.mkdtemp(prefix="organism_step_"))
@@ -156,7 +164,8 @@ def main() -> None:
         order = ["baseline", "new"] if rep % 2 == 0 else ["new", "baseline"]
         for name in order:
             before = load()
-            rec = _run(trees[name], work / f"{name}{rep}.json", args.steps, args.organism_dir.resolve())
+            extra = args.new_args if name == "new" else ""
+            rec = _run(trees[name], work / f"{name}{rep}.json", args.steps, args.organism_dir.resolve(), extra)
             if Path(rec["source"]) != trees[name]:
                 sys.exit(f"the {name} run imported routed_grpo from {rec['source']}, not {trees[name]}")
             secs = rec["step_seconds"][args.skip :]
@@ -198,6 +207,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         tree = Path(sys.argv[2])
         sys.path.insert(0, str(tree))
-        _child(tree, Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]))
+        _child(tree, Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]), shlex.split(sys.argv[6]))
     else:
         main()

@@ -84,6 +84,16 @@ class RoutedGRPOConfig(GRPOConfig):
             organism study (README, "Results"): without a bound, 3 of the 9 routed, placebo and oracle-direction
             runs collapsed after `routing/rho_max/keep` reached 385-1,233 (reward 0, nothing compiles); with 4,
             none of the 6 routed and placebo runs did.
+        share_prompt_forward (`bool`, *optional*, defaults to `False`):
+            The loss forward runs the prompt (all but its last token) once per distinct prompt and routing masks,
+            then copies its KV cache to the rows that share it (`routed_grpo.prefill.shared_prefix_logps`): with
+            `num_generations` samples per prompt and prompts longer than completions, most of the loss forward and
+            backward. The same loss and gradient to floating-point rounding, not bit for bit (the gradient sums the
+            samples' contributions in another order), so off by default: a run with it does not reproduce one
+            without it token for token. Refused with gradient checkpointing (TRL's default): a checkpointed layer
+            re-runs its forward in backward, which appends the completion's keys and values to the shared cache
+            a second time. Falls back to TRL's forward for multimodal inputs, an MoE aux loss, or batches in which
+            no prompt repeats.
         adapter_rank (`int`, *optional*, defaults to `8`):
             Rank of each block (the deployed and the quarantine block each have this rank).
         adapter_alpha (`float`, *optional*):
@@ -151,6 +161,9 @@ class RoutedGRPOConfig(GRPOConfig):
     mismatch_ratio_cap: float | None = field(
         default=4.0, metadata={"help": "Truncate rho at this value on mismatched rows only (None: no bound)."}
     )
+    share_prompt_forward: bool = field(
+        default=False, metadata={"help": "Loss forward: one prompt forward per distinct prompt (rounding differs)."}
+    )
     adapter_rank: int = field(default=8, metadata={"help": "Rank of each adapter block."})
     adapter_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha of each block (default: rank)."})
     adapter_targets: list[str] = field(
@@ -212,6 +225,11 @@ class RoutedGRPOConfig(GRPOConfig):
         if self.gate_warmup_rollouts < 0:
             raise ValueError(
                 f"gate_warmup_rollouts must be >= 0, got gate_warmup_rollouts={self.gate_warmup_rollouts}"
+            )
+        if self.share_prompt_forward and self.gradient_checkpointing:
+            raise ValueError(
+                "share_prompt_forward=True needs gradient_checkpointing=False (TRL's default is True): a checkpointed "
+                "layer re-runs its forward in backward and would append to the shared prompt's KV cache again"
             )
         if self.adapter_rank < 1:
             raise ValueError(f"adapter_rank must be >= 1, got adapter_rank={self.adapter_rank}")

@@ -10,6 +10,12 @@ rows only, then copies their outputs to every row: the last hidden states and, t
 `reorder_cache`, the keys and values of every layer. Decode steps, calls that carry other per-row inputs (embeddings,
 4-D masks, multimodal fields, a `position_ids` that is not 2-D) and caches of other types run unchanged.
 
+`shared_prefix_logps` does the same for the loss forward (`share_prompt_forward`, off by default): the prompt
+minus its last token runs once per distinct (prompt, routing masks) with gradients, its KV cache is copied to the
+rows that share it (a differentiable `index_select`), and the rest of each row (the last prompt token and the
+completion) runs on top of it through TRL's fused LM head. Each row's loss and the total gradient are the same
+mathematical quantities; the gradient of a shared prompt now sums its rows first, so it differs by rounding.
+
 Rows are distinct by their token ids, attention mask and position ids together, so two rows share a forward only if
 that forward is the same computation for both. Each row of a batched forward is computed independently of the other
 rows, so the copied values are the values the full batch would have given: bit for bit on this CPU
@@ -21,7 +27,7 @@ modes mixed within a batch) index the full batch, so the caller leaves the conte
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -92,3 +98,45 @@ def shared_prompt_prefill(lm: torch.nn.Module) -> Iterator[None]:
             del decoder.forward
         else:
             decoder.forward = own
+
+
+def shared_prefix_logps(
+    model: torch.nn.Module,
+    lm: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    row_keys: torch.Tensor | None = None,
+    rows: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None,
+    compute_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """TRL's per-token log-probs (B, logits_to_keep) and entropies of the last `logits_to_keep` tokens, with the prompt
+    prefix run once per distinct (prefix, `row_keys` row); None when no prefix repeats (the caller runs TRL's).
+
+    `model` is what TRL calls (it carries TRL's fused LM head, `fused_lm_head=True`), `lm` the causal LM inside it
+    whose decoder runs the prefix; `row_keys` (B, k) are per-row settings the forward depends on (the routing
+    masks), and `rows(keep)` the context the prefix forward runs in, on the rows `keep` only (the trainer sets the
+    adapter's row masks of those rows there). Positions count from the first column, padding included, as in TRL's
+    forward without a cache.
+    """
+    prefix = input_ids.shape[1] - logits_to_keep - 1  # the last prompt token predicts the first completion token
+    if prefix < 1:
+        return None
+    key = [input_ids[:, :prefix], attention_mask[:, :prefix].to(input_ids.dtype)]
+    if row_keys is not None:
+        key.append(row_keys.to(input_ids.dtype).view(input_ids.shape[0], -1))
+    shared = distinct_rows(torch.cat(key, dim=1))
+    if shared is None:
+        return None
+    keep, inverse = shared
+    cache = DynamicCache(config=lm.config)
+    with rows(keep) if rows is not None else contextlib.nullcontext():
+        ids, mask = input_ids[keep, :prefix], attention_mask[keep, :prefix]
+        lm.get_decoder()(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+    cache.reorder_cache(inverse)  # every row gets its prefix's keys and values; the gradient flows back through it
+    suffix = input_ids[:, prefix:]
+    labels = suffix.masked_fill(attention_mask[:, prefix:] == 0, -100)
+    labels[:, 0] = -100  # the last prompt token: never a label (TRL labels only the completion)
+    out = model(input_ids=suffix, attention_mask=attention_mask, cache=cache, labels=labels, fused_lm_head=True)
+    logps = out.log_probs[:, -logits_to_keep:]
+    return logps, out.entropy[:, -logits_to_keep:] if compute_entropy else None

@@ -26,7 +26,7 @@ from routed_grpo.loss import (
     mismatched_rows,
 )
 from routed_grpo.monitor import MonitorFn, MonitorScorer
-from routed_grpo.prefill import shared_prompt_prefill
+from routed_grpo.prefill import shared_prefix_logps, shared_prompt_prefill
 from routed_grpo.routing_state import RoutingState, buffer_capacity, routed_adapter, without_trl_kl_reference
 from routed_grpo.update import RoutedUpdate
 from routed_grpo.vllm_sync import PerModeGeneration
@@ -74,6 +74,9 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
     - Rejected with routing on: tools / environment_factory / rollout_func, vision-language models, FSDP and every
       DeepSpeed stage (untested, and DeepSpeed neither fills `param.grad` nor steps the hooked optimizer).
     - `mismatch_ratio_cap` truncates `rho` on rows whose training mode differs from their sampling mode.
+    - Speed, every number unchanged: `generate` runs one prompt forward per distinct prompt (`routed_grpo.prefill`;
+      not while sampling modes are mixed within a batch), and TRL's fused LM head scores only the completion tokens
+      on the CPU as it does on CUDA (`routed_grpo.compact_head`).
     The zones come from the scorer (`routed_grpo.ladder`): by default `DirectionScorer`, the gate over `v_act` or
     the placebo and nothing else; the masks from the intervention (`route`). The lab's DIAGNOSTIC scorers (label
     monitor, oracle direction) are objects handed in as `scorer=` and accepted only with `routing="diagnostic"`,
@@ -336,12 +339,38 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
             logps, self._acts = self._forward_in_sampling_modes(input_ids, attention_mask, k, full, pool)
             self._trl_old_logps = logps
             return logps, None, None
-        out = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
+        out = self._shared_prompt_forward(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        if out is None:
+            out = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
         if self._stash_logps:
             self._stash_loss_logps(out[0].detach())
         return out
+
+    def _shared_prompt_forward(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """`share_prompt_forward`: the grad-carrying forward with one prompt forward per distinct prompt and masks
+        (routed_grpo.prefill.shared_prefix_logps); None where it does not apply (TRL's forward runs instead)."""
+        known = ("batch_size", "compute_entropy", "compute_aux_loss")
+        other = [v for k, v in kwargs.items() if k not in known and v is not None]  # multimodal inputs
+        if not self.args.share_prompt_forward or args or other or kwargs.get("compute_aux_loss"):
+            return None
+        masks = self._loss_inputs if self._stash_logps else None  # routing on: this forward's row masks
+        keys = None if masks is None else torch.stack([masks["routing_m"], masks["routing_d"]], dim=1)
+
+        @contextlib.contextmanager
+        def prefix_rows(keep):  # the prompt forward runs with the kept rows' masks
+            self.adapter.set_row_masks(masks["routing_m"][keep], masks["routing_d"][keep])
+            try:
+                yield
+            finally:
+                self.adapter.set_row_masks(masks["routing_m"], masks["routing_d"])
+
+        lm, entropy = self.adapter.model.get_base_model(), kwargs.get("compute_entropy", False)
+        with self.accelerator.autocast():
+            rows = prefix_rows if masks is not None else None
+            out = shared_prefix_logps(model, lm, input_ids, attention_mask, logits_to_keep, keys, rows, entropy)
+        return None if out is None else (*out, None)
 
     def _stash_loss_logps(self, logps: torch.Tensor) -> None:
         """Complete the loss's behaviour log-probs (TRL's `_compute_loss` reads them from the copied batch dict next).

@@ -78,3 +78,64 @@ def test_shared_prefill_leaves_calls_it_cannot_share_unchanged(tokenizer):
     hook.remove()
     assert rows == [6, 6, 3, 6]
     assert cache.layers[0].keys.shape[0] == 6
+
+
+def _grads(t, inputs):
+    from routed_grpo.adapter import DEPLOYED, QUARANTINE
+
+    t.current_gradient_accumulation_steps = 1  # set by train(); called directly here
+    t.model.zero_grad(set_to_none=True)
+    loss = t.compute_loss(t.model, inputs)
+    loss.backward()
+    t.adapter.clear_row_masks()
+    blocks = {b: torch.cat([p.grad.flatten() for p in t.adapter.parameters(b)]) for b in (DEPLOYED, QUARANTINE)}
+    return loss.detach(), t._loss_logps.clone(), blocks
+
+
+def test_shared_prompt_loss_forward_gives_the_loss_and_gradients_of_trls_forward(tmp_path):
+    """Mixed routing masks within a group: each distinct (prompt, masks) runs its own prefix; the loss, the log-probs
+    and both blocks' gradients equal TRL's forward's to rounding, and a row with d = 1 still sends the deployed
+    block nothing (the deployed gradient differs from the all-d = 0 one)."""
+    from tests.trainer_utils import perturb_quarantine, trainer
+
+    t = trainer(tmp_path, routing="placebo", max_completion_length=6, gradient_checkpointing=False)
+    perturb_quarantine(t.adapter)  # the quarantine contributes, so m = 0 rows differ in the forward
+    t.model.train()
+    inputs = t._prepare_inputs(next(iter(t.get_train_dataloader())))
+    inputs["advantages"] = torch.linspace(-1.0, 1.0, 8)
+    inputs["routing_m"] = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    inputs["routing_d"] = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    inputs["routing_logp_from_loss"] = torch.ones(8, dtype=torch.bool)
+    plain = _grads(t, inputs)
+    t.args.share_prompt_forward = True
+    prefix_rows: list[int] = []
+    decoder = t.adapter.model.get_base_model().get_decoder()
+    hook = decoder.register_forward_pre_hook(
+        lambda m, a, kw: prefix_rows.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        shared = _grads(t, inputs)
+    finally:
+        hook.remove()
+    rows = zip(inputs["prompt_ids"].tolist(), inputs["routing_m"].tolist(), inputs["routing_d"].tolist(), strict=True)
+    distinct = len({(tuple(ids), m, d) for ids, m, d in rows})
+    assert 2 < distinct < 8  # the batch's 2 prompts under these masks (TRL shuffles the rows)
+    assert prefix_rows[0][0] == distinct and prefix_rows[1][0] == 8  # the prefix once per distinct row, then all
+    assert prefix_rows[1][1] == inputs["completion_ids"].shape[1] + 1  # the last prompt token and the completion
+    assert torch.allclose(plain[0], shared[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(plain[1], shared[1], rtol=1e-5, atol=1e-5)
+    for block in plain[2]:
+        assert torch.allclose(plain[2][block], shared[2][block], rtol=1e-4, atol=1e-6), block
+        assert plain[2][block].abs().sum() > 0
+    inputs["routing_d"] = torch.zeros(8)
+    undetached = _grads(t, inputs)
+    assert not torch.allclose(undetached[2]["deployed"], shared[2]["deployed"], rtol=1e-3, atol=1e-5)
+
+
+def test_share_prompt_forward_is_refused_with_gradient_checkpointing(tmp_path):
+    import pytest
+
+    from tests.trainer_utils import config
+
+    with pytest.raises(ValueError, match="share_prompt_forward=True needs gradient_checkpointing=False"):
+        config(tmp_path, share_prompt_forward=True, gradient_checkpointing=True)

@@ -75,3 +75,16 @@ def test_rho_metrics_are_the_true_maximum_and_row_weighted_mean_over_ranks_micro
         "routing_state_rank0.pt",
         "routing_state_rank1.pt",
     ]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_with_share_prompt_forward_keep_identical_blocks(tmp_path):
+    """The prompt forward that bypasses DDP's wrapper still has its gradient all-reduced: both ranks' blocks stay
+    equal after two steps, and both moved."""
+    proc = _launch("mp_shared_prompt_worker.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["shared"] for r in ranks)  # the shared prefix ran on both ranks
+    for block in ("deployed", "quarantine"):
+        assert ranks[0]["moved"][block] > 0
+        assert ranks[0]["params"][block] == ranks[1]["params"][block], block
