@@ -96,12 +96,15 @@ def test_shared_prompt_loss_forward_gives_the_loss_and_gradients_of_trls_forward
     """Mixed routing masks within a group: each distinct (prompt, masks) runs its own prefix; the loss, the log-probs
     and both blocks' gradients equal TRL's forward's to rounding, and a row with d = 1 still sends the deployed
     block nothing (the deployed gradient differs from the all-d = 0 one)."""
-    from tests.trainer_utils import perturb_quarantine, trainer
+    from tests.trainer_utils import TOKENIZER, perturb_quarantine, trainer
 
     t = trainer(tmp_path, routing="placebo", max_completion_length=6, gradient_checkpointing=False)
     perturb_quarantine(t.adapter)  # the quarantine contributes, so m = 0 rows differ in the forward
     t.model.train()
     inputs = t._prepare_inputs(next(iter(t.get_train_dataloader())))
+    first = (inputs["prompt_ids"] == inputs["prompt_ids"][0]).all(1)  # the rows of row 0's prompt
+    inputs["prompt_mask"][first, :2] = 0  # left padding on one prompt: positions still count from column 0
+    inputs["prompt_ids"][first, :2] = TOKENIZER.pad_token_id
     inputs["advantages"] = torch.linspace(-1.0, 1.0, 8)
     inputs["routing_m"] = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     inputs["routing_d"] = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
