@@ -76,7 +76,8 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
     - `mismatch_ratio_cap` truncates `rho` on rows whose training mode differs from their sampling mode.
     - Speed, every number unchanged: `generate` runs one prompt forward per distinct prompt (`routed_grpo.prefill`;
       not while sampling modes are mixed within a batch), and TRL's fused LM head scores only the completion tokens
-      on the CPU as it does on CUDA (`routed_grpo.compact_head`).
+      on the CPU as it does on CUDA (`routed_grpo.compact_head`). Opt-in, rounding differs: `share_prompt_forward`
+      runs the loss forward's prompt once per distinct prompt and routing masks (`routed_grpo.prefill`).
     The zones come from the scorer (`routed_grpo.ladder`): by default `DirectionScorer`, the gate over `v_act` or
     the placebo and nothing else; the masks from the intervention (`route`). The lab's DIAGNOSTIC scorers (label
     monitor, oracle direction) are objects handed in as `scorer=` and accepted only with `routing="diagnostic"`,
