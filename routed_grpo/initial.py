@@ -110,8 +110,11 @@ class InitialCopies:
                     f"({len(odd)} differ, e.g. {odd[0]})"
                 )
         self.adapter_init = init
+        # Contiguous like the parameters they copy: a strided copy (the SVD's factors are views) takes another GEMM
+        # path, whose rounding differs on some CPUs (an AMD EPYC did), and I1 needs B0 A0 x to equal B A x exactly.
         self._initial = {
-            b: {n: (a.float().cpu(), bb.float().cpu()) for n, (a, bb) in f.items()} for b, f in factors.items()
+            b: {n: (a.float().cpu().contiguous(), bb.float().cpu().contiguous()) for n, (a, bb) in f.items()}
+            for b, f in factors.items()
         }
         self._initial_on.clear()
         self._initial_a = None

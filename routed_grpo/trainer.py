@@ -357,7 +357,7 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
         if not self.args.share_prompt_forward or args or other or kwargs.get("compute_aux_loss"):
             return None
         masks = self._loss_inputs if self._stash_logps else None  # routing on: this forward's row masks
-        keys = None if masks is None else torch.stack([masks["routing_m"], masks["routing_d"]], dim=1)
+        keys = None if masks is None else torch.stack([masks["routing_m"] != 0, masks["routing_d"] != 0], dim=1)
 
         @contextlib.contextmanager
         def prefix_rows(keep):  # the prompt forward runs with the kept rows' masks
