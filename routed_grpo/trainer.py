@@ -352,9 +352,11 @@ class RoutedGRPOTrainer(FlagStep, RoutedUpdate, RoutingState):
     def _shared_prompt_forward(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         """`share_prompt_forward`: the grad-carrying forward with one prompt forward per distinct prompt and masks
         (routed_grpo.prefill.shared_prefix_logps); None where it does not apply (TRL's forward runs instead)."""
+        if not self.args.share_prompt_forward:
+            return None
         known = ("batch_size", "compute_entropy", "compute_aux_loss")
         other = [v for k, v in kwargs.items() if k not in known and v is not None]  # multimodal inputs
-        if not self.args.share_prompt_forward or args or other or kwargs.get("compute_aux_loss"):
+        if args or other or kwargs.get("compute_aux_loss"):
             return None
         masks = self._loss_inputs if self._stash_logps else None  # routing on: this forward's row masks
         keys = None if masks is None else torch.stack([masks["routing_m"] != 0, masks["routing_d"] != 0], dim=1)
